@@ -1,0 +1,1 @@
+"""Erasure coding of values across targets (see the erasure-coding issue)."""

@@ -1,0 +1,1 @@
+"""Software simulator of the fabric (see the simulator issue)."""
