@@ -1,0 +1,149 @@
+"""The interface between the target's KV namespace and a key-value engine.
+
+The namespace turns NVMe KV commands into calls on a ``KeyValueEngine`` and turns an ``EngineError``
+into the completion status it carries (``kv_status``). Engines own the bytes: ``allocate`` hands out
+the buffer the network data lands in, ``store`` takes ownership of it without a copy, ``retrieve``
+returns a zero-copy view. Stored buffers are never mutated in place, so a view handed out earlier
+keeps the old bytes even after an overwrite or eviction.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Protocol, runtime_checkable
+
+import attrs
+
+from nvmeof.errors import NvmeofError
+
+
+class EngineStatus(enum.IntEnum):
+    """The generic (SCT 0) status codes an engine reports: Capacity Exceeded plus the KV range.
+
+    The same wire values as ``kvext.spec.KvStatus``; kept here so engines depend on no wire module.
+    """
+
+    CAPACITY_EXCEEDED = 0x81
+    INVALID_VALUE_SIZE = 0x85
+    INVALID_KEY_SIZE = 0x86
+    KEY_DOES_NOT_EXIST = 0x87
+    KEY_EXISTS = 0x89
+
+
+class EngineError(NvmeofError):
+    """A KV operation failed; ``kv_status`` is the NVMe status code the namespace completes with."""
+
+    kv_status: int = EngineStatus.CAPACITY_EXCEEDED
+
+
+class ValueTooLarge(EngineError):
+    """The value is longer than the engine's maximum value length."""
+
+    kv_status = EngineStatus.INVALID_VALUE_SIZE
+
+
+class InvalidKey(EngineError):
+    """The key is empty or longer than the engine's maximum key length."""
+
+    kv_status = EngineStatus.INVALID_KEY_SIZE
+
+
+class CapacityExceeded(EngineError):
+    """The value does not fit and the eviction policy cannot (or may not) make room."""
+
+    kv_status = EngineStatus.CAPACITY_EXCEEDED
+
+
+class KeyMissing(EngineError):
+    """The key does not exist (retrieve, or store with ``must_exist``)."""
+
+    kv_status = EngineStatus.KEY_DOES_NOT_EXIST
+
+
+class KeyPresent(EngineError):
+    """The key exists and the store said ``must_not_exist``."""
+
+    kv_status = EngineStatus.KEY_EXISTS
+
+
+def _positive(_: object, attribute: attrs.Attribute[int], value: int) -> None:
+    if value <= 0:
+        raise ValueError(f"{attribute.name} must be positive, got {value}")
+
+
+def _non_negative(_: object, attribute: attrs.Attribute[int], value: int) -> None:
+    if value < 0:
+        raise ValueError(f"{attribute.name} must not be negative, got {value}")
+
+
+def _key_length(_: object, attribute: attrs.Attribute[int], value: int) -> None:
+    # The KV command set carries at most 16 key bytes in the command (KVKML <= 16).
+    if not 1 <= value <= 16:
+        raise ValueError(f"{attribute.name} must be 1..16, got {value}")
+
+
+@attrs.frozen(kw_only=True)
+class EngineLimits:
+    """What the namespace advertises in its KV format (KVKML, KVVML, MNKS) and the byte budget."""
+
+    max_value_length: int = attrs.field(validator=_positive)
+    capacity_bytes: int = attrs.field(validator=_positive)
+    max_key_length: int = attrs.field(default=16, validator=_key_length)
+    max_keys: int = attrs.field(default=0, validator=_non_negative)  # 0 = unbounded
+
+
+@attrs.define
+class EngineStats:
+    """Running counters; ``evicted_bytes`` counts accounted bytes (key + value + entry overhead)."""
+
+    stores: int = 0
+    retrieves: int = 0
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+    evicted_bytes: int = 0
+
+
+@runtime_checkable
+class KeyValueEngine(Protocol):
+    """A key-value store the target's KV namespace serves from (DRAM now, flash later)."""
+
+    @property
+    def limits(self) -> EngineLimits: ...
+
+    @property
+    def stats(self) -> EngineStats: ...
+
+    @property
+    def used_bytes(self) -> int: ...
+
+    def allocate(self, size: int) -> memoryview:
+        """A writable buffer for an incoming ``size``-byte value; ``ValueTooLarge`` if too big."""
+        ...
+
+    def store(
+        self,
+        key: bytes,
+        value: memoryview,
+        *,
+        must_exist: bool = False,
+        must_not_exist: bool = False,
+    ) -> None:
+        """Take ownership of ``value`` (no copy) under ``key``, evicting per policy to make room."""
+        ...
+
+    def retrieve(self, key: bytes) -> memoryview:
+        """A read-only zero-copy view of the value; ``KeyMissing`` if absent. Counts as a use."""
+        ...
+
+    def exists(self, key: bytes) -> bool: ...
+
+    def delete(self, key: bytes) -> bool:
+        """Remove ``key``; True if it existed."""
+        ...
+
+    def list_keys(self, start: bytes = b"", limit: int | None = None) -> list[bytes]:
+        """Keys in a stable (sorted) order from the first key >= ``start``, at most ``limit``."""
+        ...
+
+    def __len__(self) -> int: ...

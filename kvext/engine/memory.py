@@ -1,0 +1,196 @@
+"""A DRAM key-value engine: one ordered map of key -> value buffer, bounded by a byte budget.
+
+Not thread-safe: the target runs every namespace on one event loop, so no operation here is ever
+interleaved with another. Every mutation is planned first and applied only once it cannot fail, so
+an operation that raises leaves the engine exactly as it was.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import OrderedDict
+
+from kvext.engine.base import (
+    CapacityExceeded,
+    EngineLimits,
+    EngineStats,
+    InvalidKey,
+    KeyMissing,
+    KeyPresent,
+    ValueTooLarge,
+)
+from kvext.engine.eviction import EvictionPolicy, policy_named
+
+# Accounted per entry on top of key and value bytes, so a flood of tiny values is still bounded:
+# roughly what the map slot, the key object and the buffer objects cost in CPython.
+ENTRY_OVERHEAD = 64
+
+
+def entry_cost(key: bytes, value_length: int) -> int:
+    """The bytes an entry counts against ``capacity_bytes``."""
+    return len(key) + value_length + ENTRY_OVERHEAD
+
+
+class MemoryEngine:
+    """A ``KeyValueEngine`` holding values in process memory, evicting per ``policy``."""
+
+    def __init__(self, limits: EngineLimits, policy: str | EvictionPolicy = "lru") -> None:
+        self._limits = limits
+        self._policy = policy if isinstance(policy, EvictionPolicy) else policy_named(policy)
+        self._entries: OrderedDict[bytes, memoryview] = OrderedDict()  # oldest first
+        self._used = 0
+        self._stats = EngineStats()
+        # Sorted keys for list_keys, rebuilt lazily: the key set changes on the hot path far more
+        # often than anyone lists it.
+        self._sorted: list[bytes] | None = None
+
+    @property
+    def limits(self) -> EngineLimits:
+        return self._limits
+
+    @property
+    def policy(self) -> EvictionPolicy:
+        return self._policy
+
+    @property
+    def stats(self) -> EngineStats:
+        return self._stats
+
+    @property
+    def used_bytes(self) -> int:
+        return self._used
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._entries
+
+    def allocate(self, size: int) -> memoryview:
+        if size < 0:
+            raise ValueError(f"value size must not be negative, got {size}")
+        if size > self._limits.max_value_length:
+            raise ValueTooLarge(
+                f"value of {size} bytes exceeds the maximum of {self._limits.max_value_length}"
+            )
+        return memoryview(bytearray(size))
+
+    def store(
+        self,
+        key: bytes,
+        value: memoryview,
+        *,
+        must_exist: bool = False,
+        must_not_exist: bool = False,
+    ) -> None:
+        if must_exist and must_not_exist:
+            raise ValueError("must_exist and must_not_exist are mutually exclusive")
+        self._check_key(key)
+        if value.format != "B" or value.ndim != 1:
+            value = value.cast("B")  # a flat byte view of the same memory, no copy
+        size = value.nbytes
+        if size > self._limits.max_value_length:
+            raise ValueTooLarge(
+                f"value of {size} bytes exceeds the maximum of {self._limits.max_value_length}"
+            )
+        old = self._entries.get(key)
+        if must_exist and old is None:
+            raise KeyMissing(f"key {key!r} does not exist")
+        if must_not_exist and old is not None:
+            raise KeyPresent(f"key {key!r} exists")
+        cost = entry_cost(key, size)
+        if cost > self._limits.capacity_bytes:
+            raise CapacityExceeded(
+                f"entry of {cost} bytes can never fit in {self._limits.capacity_bytes} bytes"
+            )
+
+        victims = self._plan_evictions(key, cost, replacing=old)
+        for victim in victims:
+            self._remove(victim, evicted=True)
+        if old is not None:
+            self._used -= entry_cost(key, old.nbytes)
+        else:
+            self._sorted = None
+        # Assigning keeps an existing key's position; the policy decides whether it moves.
+        self._entries[key] = value
+        if old is not None and self._policy.refresh_on_store:
+            self._entries.move_to_end(key)
+        self._used += cost
+        self._stats.stores += 1
+
+    def retrieve(self, key: bytes) -> memoryview:
+        self._stats.retrieves += 1
+        value = self._entries.get(key)
+        if value is None:
+            self._stats.misses += 1
+            raise KeyMissing(f"key {key!r} does not exist")
+        self._stats.hits += 1
+        if self._policy.refresh_on_retrieve:
+            self._entries.move_to_end(key)
+        # Read-only so no reader can change what later readers see.
+        return value.toreadonly()
+
+    def exists(self, key: bytes) -> bool:
+        return key in self._entries
+
+    def delete(self, key: bytes) -> bool:
+        if key not in self._entries:
+            return False
+        self._remove(key, evicted=False)
+        return True
+
+    def list_keys(self, start: bytes = b"", limit: int | None = None) -> list[bytes]:
+        if limit is not None and limit < 0:
+            raise ValueError(f"limit must not be negative, got {limit}")
+        if self._sorted is None:
+            self._sorted = sorted(self._entries)
+        first = bisect.bisect_left(self._sorted, start)  # start itself when present
+        end = len(self._sorted) if limit is None else first + limit
+        return self._sorted[first:end]
+
+    def _check_key(self, key: bytes) -> None:
+        if not 1 <= len(key) <= self._limits.max_key_length:
+            raise InvalidKey(f"key of {len(key)} bytes is outside 1..{self._limits.max_key_length}")
+
+    def _plan_evictions(
+        self, key: bytes, cost: int, *, replacing: memoryview | None
+    ) -> list[bytes]:
+        """The keys to drop, oldest first, so ``key`` fits; raises before anything changes."""
+        used = self._used + cost
+        count = len(self._entries)
+        if replacing is not None:
+            used -= entry_cost(key, replacing.nbytes)
+        else:
+            count += 1
+        max_keys = self._limits.max_keys
+
+        def fits() -> bool:
+            return used <= self._limits.capacity_bytes and (max_keys == 0 or count <= max_keys)
+
+        if fits():
+            return []
+        if not self._policy.evicts:
+            raise CapacityExceeded(
+                f"no room for {cost} bytes: {self._used} of {self._limits.capacity_bytes} used,"
+                f" {len(self._entries)} keys, and policy {self._policy.name!r} never evicts"
+            )
+        victims: list[bytes] = []
+        for candidate, candidate_value in self._entries.items():
+            if candidate == key:
+                continue  # never evict the key being stored; its old bytes are already deducted
+            victims.append(candidate)
+            used -= entry_cost(candidate, candidate_value.nbytes)
+            count -= 1
+            if fits():
+                return victims
+        # Unreachable while cost <= capacity_bytes and max_keys >= 1; kept as a guard.
+        raise CapacityExceeded(f"no room for {cost} bytes even after evicting every other key")
+
+    def _remove(self, key: bytes, *, evicted: bool) -> None:
+        value = self._entries.pop(key)
+        cost = entry_cost(key, value.nbytes)
+        self._used -= cost
+        self._sorted = None
+        if evicted:
+            self._stats.evictions += 1
+            self._stats.evicted_bytes += cost

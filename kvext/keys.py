@@ -1,0 +1,56 @@
+"""Client-side keys: what a user key becomes on the wire.
+
+The KV command set carries at most 16 key bytes. A bytes key that fits goes on the wire unchanged;
+anything else (a longer bytes key, and every str key) becomes its 16-byte BLAKE2b digest. str and
+bytes keys hash under different personalisations, so "a" and b"a" never share a wire key. A hashed
+key can collide with another key's wire key, so the client also stores the full key (``key_bytes``)
+in the value header and compares it on every read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+MAX_WIRE_KEY_LENGTH = 16
+
+# A user key: str, or any bytes-like object (copied: keys are at most a few hundred bytes).
+KeyLike = bytes | bytearray | memoryview | str
+
+_PERSON_STR = b"gpucache-str"
+_PERSON_BYTES = b"gpucache-bytes"
+
+
+def _as_bytes(key: KeyLike) -> bytes:
+    if isinstance(key, str):
+        encoded = key.encode("utf-8")
+    elif isinstance(key, bytes | bytearray | memoryview):
+        # Explicit types only: bytes(5) would silently make five zero bytes out of an int.
+        encoded = bytes(key)
+    else:
+        raise TypeError(f"a key is bytes or str, not {type(key).__name__}")
+    if not encoded:
+        raise ValueError("a key must not be empty")
+    return encoded
+
+
+def key_bytes(key: KeyLike) -> bytes:
+    """The full key as bytes (a str key utf-8 encoded), as stored for the collision check."""
+    return _as_bytes(key)
+
+
+def is_hashed(key: KeyLike) -> bool:
+    """Whether ``key`` goes on the wire as a digest rather than unchanged."""
+    full = _as_bytes(key)  # validates first, so an empty str key is refused too
+    return isinstance(key, str) or len(full) > MAX_WIRE_KEY_LENGTH
+
+
+def wire_key(key: KeyLike) -> bytes:
+    """The 1..16 bytes that name ``key`` on the target."""
+    full = _as_bytes(key)
+    if isinstance(key, str):
+        person = _PERSON_STR
+    elif len(full) > MAX_WIRE_KEY_LENGTH:
+        person = _PERSON_BYTES
+    else:
+        return full
+    return hashlib.blake2b(full, digest_size=MAX_WIRE_KEY_LENGTH, person=person).digest()

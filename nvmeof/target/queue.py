@@ -1,0 +1,300 @@
+"""One queue pair on the target: Connect, then dispatch of each command to its handler.
+
+This is the command seam (httpx's MockTransport, nvme-loop): ``QueueSession.execute(request)``
+takes a request and gives a completion, whatever transport the request came over.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import anyio
+import anyio.abc
+
+from nvmeof.errors import CommandError, ConnectionLost
+from nvmeof.spec.command import AdminOpcode, Command
+from nvmeof.spec.completion import SQHD_FLOW_CONTROL_DISABLED, Completion
+from nvmeof.spec.fabrics import (
+    CONNECT_DATA_SIZE,
+    DYNAMIC_CNTLID,
+    ConnectData,
+    ConnectDataError,
+    ConnectParameters,
+    FabricsCommandType,
+    PropertyAccess,
+)
+from nvmeof.spec.status import FabricsStatus, GenericStatus, Status
+from nvmeof.target.controller import Controller, invalid_field
+from nvmeof.target.namespace import CommandResult
+from nvmeof.target.subsystem import Target
+from nvmeof.transport.base import Buffer, ControllerChannel, Request
+
+log = logging.getLogger("nvmeof.target.queue")
+
+
+def _connect_invalid(offset: int, *, in_data: bool) -> CommandError:
+    # DW0: IPO (offset of the bad field), bit 16 IATTR (1: in the connect data, 0: in the SQE).
+    return CommandError(
+        Status.command_specific(FabricsStatus.CONNECT_INVALID_PARAMETERS),
+        f"invalid connect parameter at {'data' if in_data else 'SQE'} offset {offset}",
+        dw0=offset | (1 << 16 if in_data else 0),
+    )
+
+
+def _sequence_error(message: str) -> CommandError:
+    return CommandError(Status.generic(GenericStatus.COMMAND_SEQUENCE_ERROR), message)
+
+
+def _invalid_opcode(message: str) -> CommandError:
+    return CommandError(Status.generic(GenericStatus.INVALID_OPCODE), message)
+
+
+def _trim(data: Sequence[Buffer], limit: int) -> list[Buffer]:
+    """Controller-to-host data never exceeds what the host's SGL describes."""
+    out: list[Buffer] = []
+    for buf in data:
+        if limit <= 0:
+            break
+        if len(buf) > limit:
+            buf = memoryview(buf)[:limit]
+        out.append(buf)
+        limit -= len(buf)
+    return out
+
+
+class QueueSession:
+    """The target side of one queue: which controller and QID it belongs to, once connected."""
+
+    def __init__(
+        self, target: Target, channel: ControllerChannel, task_group: anyio.abc.TaskGroup
+    ) -> None:
+        self.target = target
+        self.channel = channel
+        self.task_group = task_group
+        self.controller: Controller | None = None
+        self.qid = 0
+        self.sqsize = 0
+        self.sq_flow_control_disabled = False
+        self._sqhd = 0
+        self._slots: anyio.Semaphore | None = None
+        self.log: logging.LoggerAdapter[logging.Logger] = logging.LoggerAdapter(log, {})
+
+    # --- transport callbacks -----------------------------------------------------------------
+    def on_request(self, request: Request) -> None:
+        self.task_group.start_soon(self.serve, request)
+
+    def on_digest_error(self, cid: int) -> None:
+        # In-capsule data failed its digest: fail that command, keep the connection (as SPDK).
+        status = Status.generic(GenericStatus.TRANSIENT_TRANSPORT_ERROR, dnr=False)
+        request = Request(Command(opcode=0, cid=cid))
+        completion = self._completion(cid, status, 0, 0)
+        self.task_group.start_soon(self.channel.complete, request, completion)
+
+    async def serve(self, request: Request) -> None:
+        if self._slots is None:
+            await self._serve_one(request)
+            return
+        async with self._slots:
+            await self._serve_one(request)
+
+    async def _serve_one(self, request: Request) -> None:
+        cmd = request.command
+        data: Sequence[Buffer] = ()
+        try:
+            result = await self.execute(request)
+            if result is None:
+                return
+            completion = self._completion(cmd.cid, Status(), result.dw0, result.dw1)
+            data = _trim(result.data, cmd.dptr.length)
+        except CommandError as exc:
+            self.log.debug(
+                "%s cid %d opcode 0x%02x failed: %s", self._tag(), cmd.cid, cmd.opcode, exc
+            )
+            completion = self._completion(cmd.cid, exc.status, exc.dw0, 0)
+        except ConnectionLost:
+            return
+        except Exception:
+            self.log.exception("%s cid %d opcode 0x%02x crashed", self._tag(), cmd.cid, cmd.opcode)
+            completion = self._completion(
+                cmd.cid, Status.generic(GenericStatus.INTERNAL_ERROR), 0, 0
+            )
+        await self.channel.complete(request, completion, data)
+
+    def _completion(self, cid: int, status: Status, dw0: int, dw1: int) -> Completion:
+        if self.sq_flow_control_disabled:
+            sqhd = SQHD_FLOW_CONTROL_DISABLED
+        else:
+            self._sqhd = (self._sqhd + 1) % (self.sqsize + 1 or 1)
+            sqhd = self._sqhd
+        return Completion(cid=cid, status=status, dw0=dw0, dw1=dw1, sqhd=sqhd, sqid=self.qid)
+
+    def _tag(self) -> str:
+        cntlid = self.controller.cntlid if self.controller else "-"
+        return f"[{cntlid}/{self.qid}]"
+
+    # --- the command seam -------------------------------------------------------------------
+    async def execute(self, request: Request) -> CommandResult | None:
+        cmd = request.command
+        if cmd.opcode == AdminOpcode.FABRICS:
+            return await self._execute_fabrics(request)
+        controller = self.controller
+        if controller is None:
+            raise _sequence_error("command before Connect")
+        if self.qid == 0:
+            return controller.execute_admin(request, anyio.current_time())
+        if not controller.ready:
+            raise _sequence_error("I/O command to a controller that is not ready")
+        ns = controller.subsystem.namespaces.get(cmd.nsid)
+        if ns is None:
+            raise CommandError(
+                Status.generic(GenericStatus.INVALID_NAMESPACE_OR_FORMAT),
+                f"namespace {cmd.nsid} is not attached",
+            )
+        return await ns.execute(request, self.channel)
+
+    async def _execute_fabrics(self, request: Request) -> CommandResult:
+        fctype = request.command.fctype
+        if fctype == FabricsCommandType.CONNECT:
+            return await self._connect(request)
+        controller = self.controller
+        if controller is None:
+            raise _sequence_error("fabrics command before Connect")
+        if fctype == FabricsCommandType.PROPERTY_GET and self.qid == 0:
+            access = _property_access(request)
+            value = controller.get_property(access.offset, access.size)
+            return CommandResult(dw0=value & 0xFFFFFFFF, dw1=value >> 32)
+        if fctype == FabricsCommandType.PROPERTY_SET and self.qid == 0:
+            access = _property_access(request)
+            controller.set_property(access.offset, access.size, access.value)
+            return CommandResult()
+        if fctype == FabricsCommandType.DISCONNECT:
+            if self.qid == 0:
+                raise CommandError(
+                    Status.command_specific(FabricsStatus.DISCONNECT_INVALID_QUEUE_TYPE)
+                )
+            self.task_group.start_soon(self._close_after_completion)
+            return CommandResult()
+        raise _invalid_opcode(f"fabrics command type 0x{fctype:02x}")
+
+    async def _close_after_completion(self) -> None:
+        await anyio.sleep(0)
+        await self.channel.aclose()
+
+    async def _connect(self, request: Request) -> CommandResult:
+        if self.controller is not None:
+            raise _sequence_error("second Connect on a connected queue")
+        params = ConnectParameters.from_command(request.command)
+        if params.recfmt != 0:
+            raise CommandError(
+                Status.command_specific(FabricsStatus.INCOMPATIBLE_FORMAT),
+                f"connect record format {params.recfmt}",
+            )
+        raw = bytearray(CONNECT_DATA_SIZE)
+        await self.channel.pull(request, memoryview(raw))
+        try:
+            data = ConnectData.unpack(raw)
+        except ConnectDataError as exc:
+            raise _connect_invalid(exc.offset, in_data=True) from exc
+        limits = self.target.limits
+        if params.sqsize == 0:
+            raise _connect_invalid(44, in_data=False)
+        subsystem = self.target.subsystems.get(data.subnqn)
+        if subsystem is None:
+            raise _connect_invalid(256, in_data=True)
+        if not subsystem.host_allowed(data.hostnqn):
+            self.log.warning("connect from %s to %s refused", data.hostnqn, data.subnqn)
+            raise CommandError(
+                Status.command_specific(FabricsStatus.CONNECT_INVALID_HOST),
+                f"host {data.hostnqn} may not connect to {data.subnqn}",
+            )
+        now = anyio.current_time()
+        if params.qid == 0:
+            if data.cntlid != DYNAMIC_CNTLID:
+                raise _connect_invalid(16, in_data=True)
+            if params.sqsize > 0xFFF:
+                raise _connect_invalid(44, in_data=False)
+            controller = Controller(
+                cntlid=self.target.allocate_cntlid(subsystem),
+                subsystem=subsystem,
+                limits=limits,
+                hostnqn=data.hostnqn,
+                hostid=data.hostid,
+                kato_ms=params.kato_ms,
+                now=now,
+            )
+            subsystem.controllers[controller.cntlid] = controller
+            controller.closers.append(self._close_soon)
+            self.task_group.start_soon(self._watch_keep_alive, controller)
+            self.log.info(
+                "[%d/0] admin queue connected: host %s subsystem %s kato %d ms",
+                controller.cntlid,
+                data.hostnqn,
+                subsystem.nqn,
+                params.kato_ms,
+            )
+        else:
+            found = subsystem.controllers.get(data.cntlid)
+            if found is None or found.hostnqn != data.hostnqn or found.hostid != data.hostid:
+                raise _connect_invalid(16, in_data=True)
+            controller = found
+            if not controller.csts.rdy:
+                raise _sequence_error("I/O queue connect before the controller is enabled")
+            if params.qid > controller.granted_io_queues:
+                raise _connect_invalid(42, in_data=False)
+            if params.qid in controller.io_queues:
+                raise CommandError(
+                    Status.command_specific(FabricsStatus.CONTROLLER_BUSY),
+                    f"queue {params.qid} already connected",
+                )
+            if params.sqsize + 1 > limits.max_queue_entries:
+                raise _connect_invalid(44, in_data=False)
+            controller.io_queues.add(params.qid)
+            controller.closers.append(self._close_soon)
+            self.channel.set_max_in_capsule_data(limits.in_capsule_data_size)
+            self.log.debug("[%d/%d] I/O queue connected", controller.cntlid, params.qid)
+        self.controller = controller
+        self.qid = params.qid
+        self.sqsize = params.sqsize
+        self.sq_flow_control_disabled = params.sq_flow_control_disabled
+        self._slots = anyio.Semaphore(params.sqsize + 1)
+        return CommandResult(dw0=controller.cntlid)
+
+    def _close_soon(self) -> None:
+        self.task_group.start_soon(self.channel.aclose)
+
+    async def _watch_keep_alive(self, controller: Controller) -> None:
+        while controller.cntlid in controller.subsystem.controllers:
+            now = anyio.current_time()
+            if controller.on_timer(now):
+                controller.log.warning(
+                    "[%d] keep alive timeout (%d ms): tearing the controller down",
+                    controller.cntlid,
+                    controller.kato_ms,
+                )
+                self.teardown()
+                return
+            deadline = controller.next_deadline()
+            await anyio.sleep(1.0 if deadline is None else min(max(deadline - now, 0.01), 1.0))
+
+    def teardown(self) -> None:
+        """The connection is gone: an admin queue takes its controller with it."""
+        controller = self.controller
+        if controller is None:
+            return
+        if self.qid == 0:
+            if controller.subsystem.controllers.get(controller.cntlid) is controller:
+                del controller.subsystem.controllers[controller.cntlid]
+                controller.log.info("[%d] controller removed", controller.cntlid)
+            controller.close()
+        else:
+            controller.io_queues.discard(self.qid)
+            if self._close_soon in controller.closers:
+                controller.closers.remove(self._close_soon)
+
+
+def _property_access(request: Request) -> PropertyAccess:
+    try:
+        return PropertyAccess.from_command(request.command)
+    except ValueError as exc:
+        raise invalid_field(str(exc)) from exc

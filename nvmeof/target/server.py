@@ -1,0 +1,76 @@
+"""The target's listeners: accept NVMe/TCP connections and serve each as one queue."""
+
+from __future__ import annotations
+
+import logging
+
+import anyio
+import anyio.abc
+
+from nvmeof.target.queue import QueueSession
+from nvmeof.target.subsystem import Target
+from nvmeof.transport.sockets import AsyncSocket, TcpListener
+from nvmeof.transport.tcp import TcpControllerChannel
+
+log = logging.getLogger("nvmeof.target")
+
+
+class TargetServer:
+    """Serves a ``Target`` on one or more TCP listeners.
+
+    Each connection is one queue and lives in its own task group: a connection that breaks, or
+    sends garbage, ends alone; the others keep being served.
+    """
+
+    def __init__(self, target: Target, *, allow_digests: bool = True) -> None:
+        self.target = target
+        self.allow_digests = allow_digests
+        self.listeners: list[TcpListener] = []
+        self.connections = 0
+
+    async def serve(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 4420,
+        *,
+        task_status: anyio.abc.TaskStatus[tuple[str, int]] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        listener = TcpListener(host, port)
+        self.listeners.append(listener)
+        log.info("listening on %s:%d (NVMe/TCP)", listener.host, listener.port)
+        try:
+            async with anyio.create_task_group() as tg:
+                task_status.started((listener.host, listener.port))
+                while True:
+                    sock = await listener.accept()
+                    tg.start_soon(self.handle_connection, sock)
+        finally:
+            self.listeners.remove(listener)
+            with anyio.CancelScope(shield=True):
+                await listener.aclose()
+
+    async def handle_connection(self, sock: AsyncSocket) -> None:
+        self.connections += 1
+        channel = TcpControllerChannel(
+            sock,
+            maxh2cdata=self.target.limits.maxh2cdata,
+            allow_digests=self.allow_digests,
+        )
+        log.debug("connection from %s", sock.peer)
+        try:
+            async with anyio.create_task_group() as tg:
+                session = QueueSession(self.target, channel, tg)
+                channel.on_digest_error = session.on_digest_error
+                try:
+                    await channel.run(session.on_request)
+                finally:
+                    session.teardown()
+                    tg.cancel_scope.cancel()
+        except Exception:
+            # A bug in serving one connection must not take the listener down.
+            log.exception("connection from %s failed", sock.peer)
+        finally:
+            self.connections -= 1
+            with anyio.CancelScope(shield=True):
+                await channel.aclose()
+            log.debug("connection from %s closed", sock.peer)

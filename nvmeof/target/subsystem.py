@@ -1,0 +1,91 @@
+"""NVM subsystems and the target that holds them."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from typing import TYPE_CHECKING
+
+import attrs
+
+from nvmeof.spec.fabrics import DISCOVERY_NQN
+
+if TYPE_CHECKING:
+    from nvmeof.target.controller import Controller
+    from nvmeof.target.namespace import Namespace
+
+log = logging.getLogger("nvmeof.target")
+
+MAX_CNTLID = 0xFFEF  # 0xFFF0.. are reserved; 0xFFFF asks for a dynamic controller
+
+
+class NamespaceExists(ValueError):
+    pass
+
+
+@attrs.define(eq=False)
+class Subsystem:
+    nqn: str
+    serial_number: str = "GPUCACHE0000000001"
+    model_number: str = "GPUCache KV target"
+    allow_any_host: bool = True
+    hosts: set[str] = attrs.Factory(set)
+    max_namespaces: int = 32
+    namespaces: dict[int, Namespace] = attrs.Factory(dict)
+    controllers: dict[int, Controller] = attrs.Factory(dict)
+
+    def host_allowed(self, hostnqn: str) -> bool:
+        return self.allow_any_host or hostnqn in self.hosts
+
+    def add_namespace(self, namespace: Namespace, nsid: int | None = None) -> int:
+        if nsid is None or nsid == 0:
+            free = (n for n in range(1, self.max_namespaces + 1) if n not in self.namespaces)
+            nsid = next(free, 0)
+            if nsid == 0:
+                raise NamespaceExists(f"{self.nqn}: all {self.max_namespaces} namespaces in use")
+        if not 1 <= nsid <= self.max_namespaces:
+            raise ValueError(f"{self.nqn}: nsid {nsid} outside 1..{self.max_namespaces}")
+        if nsid in self.namespaces:
+            raise NamespaceExists(f"{self.nqn}: nsid {nsid} already in use")
+        namespace.nsid = nsid
+        self.namespaces[nsid] = namespace
+        log.info("%s: namespace %d added (csi %d)", self.nqn, nsid, namespace.csi)
+        return nsid
+
+    def remove_namespace(self, nsid: int) -> Namespace:
+        return self.namespaces.pop(nsid)
+
+
+@attrs.frozen
+class TargetLimits:
+    """What every controller of this target advertises."""
+
+    max_queue_entries: int = 1024  # CAP.MQES + 1
+    max_io_queues: int = 64
+    in_capsule_data_size: int = 8192  # I/O queues: IOCCSZ = (64 + this) / 16
+    max_transfer_size: int = 128 << 20  # 2^MDTS * 4 KiB
+    maxh2cdata: int = 1 << 20
+    keep_alive_granularity_ms: int = 1000  # KAS, in 100 ms units on the wire
+    max_async_events: int = 4  # AERL + 1
+
+
+class Target:
+    """All subsystems of one target process, and the controller IDs they share."""
+
+    def __init__(self, limits: TargetLimits | None = None) -> None:
+        self.limits = limits or TargetLimits()
+        self.subsystems: dict[str, Subsystem] = {}
+        self._cntlids = itertools.cycle(range(1, MAX_CNTLID + 1))
+
+    def add_subsystem(self, subsystem: Subsystem) -> Subsystem:
+        if subsystem.nqn in self.subsystems or subsystem.nqn == DISCOVERY_NQN:
+            raise ValueError(f"subsystem {subsystem.nqn} already exists")
+        self.subsystems[subsystem.nqn] = subsystem
+        return subsystem
+
+    def allocate_cntlid(self, subsystem: Subsystem) -> int:
+        for _ in range(MAX_CNTLID):
+            cntlid = next(self._cntlids)
+            if cntlid not in subsystem.controllers:
+                return cntlid
+        raise RuntimeError("no free controller ID")

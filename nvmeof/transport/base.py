@@ -1,0 +1,69 @@
+"""The transport interface: what the target and the initiator see of TCP, RDMA and the simulator.
+
+A queue pair is a reliable, ordered channel of command and response capsules plus a way to move
+data buffers (NVMe/TCP: R2T, H2CData and C2HData; RDMA: READ/WRITE against keyed SGLs). Buffers are
+the caller's: a value lands directly in the tensor that asked for it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+import attrs
+
+from nvmeof.spec.command import Command
+from nvmeof.spec.completion import Completion
+
+Buffer = bytes | bytearray | memoryview
+
+
+@attrs.define(eq=False)
+class Request:
+    """One command as the target's core sees it, whatever the transport."""
+
+    command: Command
+    in_capsule: memoryview | None = None
+
+
+class ControllerChannel(Protocol):
+    """The controller side of one queue pair."""
+
+    trtype: str
+    peer: str
+
+    async def run(self, on_request: Callable[[Request], None]) -> None:
+        """Receive until the connection ends, handing each command to ``on_request``."""
+
+    async def pull(self, request: Request, into: memoryview) -> None:
+        """Move the command's host-to-controller data into ``into``."""
+
+    async def complete(
+        self, request: Request, completion: Completion, data: Sequence[Buffer] = ()
+    ) -> None:
+        """Send the command's controller-to-host ``data``, then its completion."""
+
+    def set_max_in_capsule_data(self, size: int) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+
+class HostChannel(Protocol):
+    """The host side of one queue pair."""
+
+    trtype: str
+    peer: str
+    max_in_capsule_data: int
+
+    async def submit(
+        self, command: Command, *, out: Sequence[Buffer] = (), into: Sequence[memoryview] = ()
+    ) -> None:
+        """Send ``command``; ``out`` is its data to the controller, ``into`` where data lands."""
+
+    async def next_completion(self) -> Completion:
+        """The next completion on this queue (data for it has landed by then)."""
+
+    def forget(self, cid: int) -> None:
+        """Drop the buffers of a command given up on (timeout)."""
+
+    async def aclose(self) -> None: ...

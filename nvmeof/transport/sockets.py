@@ -1,0 +1,169 @@
+"""Non-blocking sockets driven by anyio readiness waits.
+
+anyio's socket streams copy every received chunk into new ``bytes`` and have no ``receive_into``;
+the data path needs ``recv_into`` straight into the destination buffer and one ``sendmsg`` for a
+header and its payload views. So transports own plain non-blocking sockets and wait for readiness
+with ``anyio.wait_readable``/``wait_writable``, which works on asyncio and trio alike. OS and anyio
+errors become ``ConnectionLost`` here, in one place.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+from collections.abc import Sequence
+
+import anyio
+
+from nvmeof.errors import ConnectionLost
+
+Buffer = bytes | bytearray | memoryview
+
+# Linux caps one sendmsg at IOV_MAX (1024) buffers.
+_IOV_MAX = 1024
+_SOCKET_BUFFER = 4 * 1024 * 1024
+
+
+def tune(sock: socket.socket) -> None:
+    sock.setblocking(False)
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, opt, _SOCKET_BUFFER)
+        except OSError:
+            pass
+
+
+class AsyncSocket:
+    """A connected non-blocking socket with zero-copy receive and scatter-gather send."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        tune(sock)
+        self.sock = sock
+        self.closed = False
+        try:
+            self.peer = _format_address(sock.getpeername())
+        except OSError:
+            self.peer = "?"
+
+    async def recv_into(self, view: memoryview) -> int:
+        """Receive into ``view``; 0 means the peer closed its side."""
+        while True:
+            try:
+                return self.sock.recv_into(view)
+            except (BlockingIOError, InterruptedError):
+                pass
+            except OSError as exc:
+                raise ConnectionLost(f"receive from {self.peer} failed: {exc}") from exc
+            try:
+                await anyio.wait_readable(self.sock)
+            except (anyio.ClosedResourceError, OSError) as exc:
+                raise ConnectionLost(f"connection to {self.peer} closed") from exc
+
+    async def send_all(self, buffers: Sequence[Buffer]) -> None:
+        views = [memoryview(b).cast("B") for b in buffers if len(b)]
+        while views:
+            try:
+                sent = self.sock.sendmsg(views[:_IOV_MAX])
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError as exc:
+                raise ConnectionLost(f"send to {self.peer} failed: {exc}") from exc
+            views = _advance(views, sent)
+            if views:
+                try:
+                    await anyio.wait_writable(self.sock)
+                except (anyio.ClosedResourceError, OSError) as exc:
+                    raise ConnectionLost(f"connection to {self.peer} closed") from exc
+
+    async def aclose(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        anyio.notify_closing(self.sock)
+        self.sock.close()
+        await anyio.lowlevel.checkpoint()
+
+
+def _advance(views: list[memoryview], sent: int) -> list[memoryview]:
+    i = 0
+    while i < len(views) and sent >= len(views[i]):
+        sent -= len(views[i])
+        i += 1
+    rest = views[i:]
+    if sent and rest:
+        rest[0] = rest[0][sent:]
+    return rest
+
+
+def _format_address(addr: object) -> str:
+    if isinstance(addr, tuple) and len(addr) >= 2:
+        return f"{addr[0]}:{addr[1]}"
+    return str(addr)
+
+
+async def open_tcp(host: str, port: int) -> AsyncSocket:
+    """Connect to ``host:port`` without blocking the event loop."""
+    try:
+        infos = await anyio.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise ConnectionLost(f"cannot resolve {host}:{port}: {exc}") from exc
+    last: OSError | None = None
+    for family, type_, proto, _, sockaddr in infos:
+        sock = socket.socket(family, type_, proto)
+        sock.setblocking(False)
+        try:
+            err = sock.connect_ex(sockaddr)
+            if err in (errno.EINPROGRESS, errno.EAGAIN):
+                await anyio.wait_writable(sock)
+                err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                raise OSError(err, f"connect to {host}:{port}: {errno.errorcode.get(err, err)}")
+            return AsyncSocket(sock)
+        except BaseException as exc:
+            sock.close()
+            if not isinstance(exc, OSError):
+                raise
+            last = exc
+    raise ConnectionLost(f"cannot connect to {host}:{port}: {last}")
+
+
+class TcpListener:
+    """A listening socket whose ``accept`` awaits readiness."""
+
+    def __init__(self, host: str, port: int, *, backlog: int = 128) -> None:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.sock = socket.socket(family, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            self.sock.bind((host, port))
+            self.sock.listen(backlog)
+        except OSError:
+            self.sock.close()
+            raise
+        self.sock.setblocking(False)
+        name = self.sock.getsockname()
+        self.host: str = name[0]
+        self.port: int = name[1]
+
+    async def accept(self) -> AsyncSocket:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+                return AsyncSocket(conn)
+            except (BlockingIOError, InterruptedError):
+                await anyio.wait_readable(self.sock)
+            except OSError as exc:
+                # EMFILE and friends: back off rather than spin; the listener stays up.
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    await anyio.sleep(0.1)
+                    continue
+                if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
+                    continue
+                raise
+
+    async def aclose(self) -> None:
+        anyio.notify_closing(self.sock)
+        self.sock.close()
+        await anyio.lowlevel.checkpoint()

@@ -1,0 +1,313 @@
+"""NVMe/TCP queue channels: the sans-IO connections of ``nvmeof.tcp`` over non-blocking sockets."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+
+import anyio
+
+from nvmeof.errors import CommandError, ConnectionLost, PduError
+from nvmeof.spec.command import Command
+from nvmeof.spec.completion import Completion
+from nvmeof.spec.sgl import SglDescriptor, SglIdentifier
+from nvmeof.spec.status import GenericStatus, Status
+from nvmeof.tcp.connection import (
+    ConnectionClosed,
+    ControllerConnection,
+    DataDigestError,
+    DataReceived,
+    HostConnection,
+    ICReqReceived,
+    ICRespReceived,
+    ResponseReceived,
+    TermReqReceived,
+)
+from nvmeof.transport.base import Buffer, Request
+from nvmeof.transport.sockets import AsyncSocket, open_tcp
+
+log = logging.getLogger("nvmeof.transport.tcp")
+
+ADMIN_IN_CAPSULE_DATA = 8192  # admin queue and fabrics commands, as Linux and SPDK
+DEFAULT_PORT = 4420
+
+
+class _Sender:
+    """Serialises sends on one socket; whoever holds the lock drains everything queued."""
+
+    def __init__(self, sock: AsyncSocket, take: Callable[[], list[Buffer]]) -> None:
+        self._sock = sock
+        self._take = take
+        self._lock = anyio.Lock()
+
+    async def flush(self) -> None:
+        async with self._lock:
+            while buffers := self._take():
+                await self._sock.send_all(buffers)
+
+
+class TcpHostChannel:
+    trtype = "tcp"
+
+    def __init__(self, sock: AsyncSocket, conn: HostConnection) -> None:
+        self._sock = sock
+        self._conn = conn
+        self._sender = _Sender(sock, conn.data_to_send)
+        self._digest_failed: set[int] = set()
+        self._lost: ConnectionLost | None = None
+        self.peer = sock.peer
+        self.max_in_capsule_data = ADMIN_IN_CAPSULE_DATA
+
+    @classmethod
+    async def connect(
+        cls,
+        host: str,
+        port: int = DEFAULT_PORT,
+        *,
+        header_digest: bool = False,
+        data_digest: bool = False,
+    ) -> TcpHostChannel:
+        sock = await open_tcp(host, port)
+        channel = cls(sock, HostConnection(header_digest=header_digest, data_digest=data_digest))
+        try:
+            channel._conn.initiate()
+            await channel._sender.flush()
+            while True:
+                event = await channel._next_event()
+                if isinstance(event, ICRespReceived):
+                    break
+        except BaseException:
+            await sock.aclose()
+            raise
+        return channel
+
+    async def submit(
+        self, command: Command, *, out: Sequence[Buffer] = (), into: Sequence[memoryview] = ()
+    ) -> None:
+        if self._lost is not None:
+            raise self._lost
+        sqe = bytearray(64)
+        if out:
+            total = sum(len(b) for b in out)
+            in_capsule = total <= self.max_in_capsule_data
+            ident = (
+                SglIdentifier.DATA_BLOCK_OFFSET if in_capsule else SglIdentifier.TRANSPORT_DATA_BLOCK
+            )
+            command.with_dptr(SglDescriptor(0, total, 0, ident)).pack_into(sqe)
+            if in_capsule:
+                self._conn.send_command(sqe, in_capsule=out)
+            else:
+                self._conn.send_command(sqe, write=out)
+        else:
+            total = sum(len(v) for v in into)
+            command.with_dptr(SglDescriptor(0, total)).pack_into(sqe)
+            self._conn.send_command(sqe, read_into=into)
+        await self._flush()
+
+    async def _flush(self) -> None:
+        try:
+            await self._sender.flush()
+        except ConnectionLost as exc:
+            self._lost = exc
+            raise
+
+    async def next_completion(self) -> Completion:
+        while True:
+            event = await self._next_event()
+            if isinstance(event, ResponseReceived):
+                completion = Completion.unpack_from(event.cqe)
+                if completion.cid in self._digest_failed:
+                    self._digest_failed.discard(completion.cid)
+                    if completion.status.success:
+                        completion = Completion(
+                            cid=completion.cid,
+                            status=Status.generic(GenericStatus.DATA_TRANSFER_ERROR, dnr=False),
+                            sqid=completion.sqid,
+                            sqhd=completion.sqhd,
+                        )
+                return completion
+            if isinstance(event, DataDigestError):
+                log.warning("[%s] data digest error on cid %d", self.peer, event.cccid)
+                self._digest_failed.add(event.cccid)
+
+    async def _next_event(self) -> object:
+        if self._lost is not None:
+            raise self._lost
+        while True:
+            event = self._conn.next_event()
+            if event is not None:
+                if isinstance(event, TermReqReceived):
+                    await self._fail(f"peer terminated (fes=0x{event.fes:02x}, fei={event.fei})")
+                if isinstance(event, ConnectionClosed):
+                    await self._fail("peer closed the connection")
+                return event
+            try:
+                n = await self._sock.recv_into(self._conn.wants())
+                self._conn.received(n)
+            except PduError as exc:
+                log.error("[%s] protocol error from controller: %s", self.peer, exc)
+                await self._send_quietly()
+                await self._fail(f"protocol error: {exc}")
+            except ConnectionLost as exc:
+                await self._fail(str(exc))
+            # R2Ts are answered inside the connection; push the H2CData they queued.
+            await self._flush()
+
+    async def _send_quietly(self) -> None:
+        with anyio.move_on_after(1):
+            try:
+                await self._sender.flush()
+            except ConnectionLost:
+                pass
+
+    async def _fail(self, reason: str) -> None:
+        self._lost = ConnectionLost(f"queue to {self.peer}: {reason}")
+        await self._sock.aclose()
+        raise self._lost
+
+    def forget(self, cid: int) -> None:
+        self._conn.forget(cid)
+
+    async def aclose(self) -> None:
+        if self._lost is None:
+            self._lost = ConnectionLost(f"queue to {self.peer} closed")
+        await self._sock.aclose()
+
+
+class _Pull:
+    def __init__(self) -> None:
+        self.done = anyio.Event()
+        self.error: BaseException | None = None
+
+
+class TcpControllerChannel:
+    trtype = "tcp"
+
+    def __init__(
+        self,
+        sock: AsyncSocket,
+        *,
+        maxh2cdata: int = 1 << 20,
+        allow_digests: bool = True,
+    ) -> None:
+        self._sock = sock
+        self._conn = ControllerConnection(
+            maxh2cdata=maxh2cdata,
+            max_in_capsule_data=ADMIN_IN_CAPSULE_DATA,
+            max_c2h_data=maxh2cdata,
+            allow_digests=allow_digests,
+        )
+        self._sender = _Sender(sock, self._conn.data_to_send)
+        self._pulls: dict[int, _Pull] = {}
+        self._closed = False
+        self.peer = sock.peer
+        self.on_digest_error: Callable[[int], None] | None = None
+
+    def set_max_in_capsule_data(self, size: int) -> None:
+        self._conn.set_max_in_capsule_data(size)
+
+    @property
+    def header_digest(self) -> bool:
+        return bool(self._conn.params and self._conn.params.header_digest)
+
+    @property
+    def data_digest(self) -> bool:
+        return bool(self._conn.params and self._conn.params.data_digest)
+
+    async def run(self, on_request: Callable[[Request], None]) -> None:
+        try:
+            while True:
+                event = self._conn.next_event()
+                if event is None:
+                    await self._sender.flush()
+                    n = await self._sock.recv_into(self._conn.wants())
+                    self._conn.received(n)
+                    continue
+                if isinstance(event, DataReceived):
+                    pull = self._pulls.pop(event.cccid, None)
+                    if pull is not None:
+                        pull.done.set()
+                elif isinstance(event, DataDigestError):
+                    log.warning("[%s] data digest error on cid %d", self.peer, event.cccid)
+                    pull = self._pulls.pop(event.cccid, None)
+                    if pull is not None:
+                        pull.error = _digest_mismatch()
+                        pull.done.set()
+                    elif self.on_digest_error is not None:
+                        self.on_digest_error(event.cccid)
+                elif isinstance(event, ICReqReceived):
+                    await self._sender.flush()
+                elif isinstance(event, (TermReqReceived, ConnectionClosed)):
+                    return
+                else:
+                    on_request(Request(Command.unpack_from(event.sqe), event.data))
+        except PduError as exc:
+            log.warning("[%s] terminating connection: %s", self.peer, exc)
+            with anyio.move_on_after(1):
+                try:
+                    await self._sender.flush()
+                except ConnectionLost:
+                    pass
+        except ConnectionLost as exc:
+            log.info("[%s] %s", self.peer, exc)
+        finally:
+            self._fail_pulls()
+            await self.aclose()
+
+    def _fail_pulls(self) -> None:
+        for pull in self._pulls.values():
+            pull.error = ConnectionLost(f"connection to {self.peer} closed during data transfer")
+            pull.done.set()
+        self._pulls.clear()
+
+    async def pull(self, request: Request, into: memoryview) -> None:
+        cid = request.command.cid
+        if request.in_capsule is not None:
+            if len(request.in_capsule) < len(into):
+                raise _short_data()
+            into[:] = request.in_capsule[: len(into)]
+            return
+        if request.command.dptr.length < len(into):
+            raise _short_data()
+        if self._closed:
+            raise ConnectionLost(f"connection to {self.peer} closed")
+        pull = _Pull()
+        self._pulls[cid] = pull
+        self._conn.request_data(cid, into)
+        await self._sender.flush()
+        await pull.done.wait()
+        if pull.error is not None:
+            raise pull.error
+
+    async def complete(
+        self, request: Request, completion: Completion, data: Sequence[Buffer] = ()
+    ) -> None:
+        if self._closed:
+            return
+        if data:
+            self._conn.send_data(request.command.cid, data)
+        cqe = bytearray(16)
+        completion.pack_into(cqe)
+        self._conn.send_response(cqe)
+        try:
+            await self._sender.flush()
+        except ConnectionLost:
+            await self.aclose()
+
+    async def aclose(self) -> None:
+        if not self._closed:
+            self._closed = True
+            await self._sock.aclose()
+
+
+def _digest_mismatch() -> CommandError:
+    # SPDK fails the command with a transient transport error and keeps the connection.
+    return CommandError(
+        Status.generic(GenericStatus.TRANSIENT_TRANSPORT_ERROR, dnr=False), "data digest mismatch"
+    )
+
+
+def _short_data() -> CommandError:
+    return CommandError(
+        Status.generic(GenericStatus.DATA_SGL_LENGTH_INVALID), "data shorter than the command needs"
+    )
