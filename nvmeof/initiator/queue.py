@@ -46,6 +46,7 @@ class QueuePair:
         self._waiters: dict[int, _Waiter] = {}
         self._reading = False
         self._lost: ConnectionLost | None = None
+        self.peak_in_flight = 0
         self.log = logging.LoggerAdapter(log, {})
 
     @property
@@ -79,6 +80,7 @@ class QueuePair:
         cid = self._free.pop()
         waiter = _Waiter()
         self._waiters[cid] = waiter
+        self.peak_in_flight = max(self.peak_in_flight, len(self._waiters))
         finished = False
         try:
             with anyio.fail_after(math.inf if timeout is None else timeout):

@@ -8,22 +8,25 @@ No sockets, no clock. The adapter loop is::
     while (event := conn.next_event()) is not None: ...
     sock.sendmsg(conn.data_to_send())
 
-The receive side counts bytes like SPDK (common header -> rest of header -> payload -> data
-digest), so it always knows where the next bytes go: headers and small payloads land in an internal
-buffer (many PDUs parsed from one recv), large payloads straight in the caller's destination views.
-Which PDU may arrive in which state is the table ``TRANSITIONS``; anything else is a
-``PduError`` with the termination PDU already queued (h2's GOAWAY-first rule).
+The receive machinery and the transition tables live in ``machine.py``; this module holds what
+each role does with a parsed header (R2T answering, H2C/C2H bookkeeping, IC negotiation) and the
+send-side API. Events are in ``events.py`` and re-exported here.
+
+Choices where the references leave room (after SPDK lib/nvmf/tcp.c and lib/nvme/nvme_tcp.c):
+- FEI for DATA_TRANSFER_OUT_OF_RANGE / LIMIT_EXCEEDED is the DATAL/R2TL offset (16), as SPDK.
+- The controller sends one R2T for the whole ``request_data`` length (Linux/SPDK do the same),
+  so MAXR2T+1 outstanding per command is always respected.
+- In-capsule data is padded to CPDA like H2CData (spec: CPDA covers every H2C PDU with data).
+- The host accepts an ICResp that declines a requested digest, and rejects one that enables a
+  digest it did not ask for (FEI 11), CPDA > 31 (FEI 10), MAXH2CDATA < 4096 or % 4 != 0 (FEI 12).
 """
 
 from __future__ import annotations
 
-import bisect
 import itertools
-from collections import deque
-from collections.abc import Iterable, Sequence
-from enum import Enum
+from collections.abc import Sequence
 
-from nvmeof.errors import PduError, ProtocolError
+from nvmeof.errors import ProtocolError
 from nvmeof.tcp.events import (
     CommandReceived,
     ConnectionClosed,
@@ -37,11 +40,16 @@ from nvmeof.tcp.events import (
     ResponseReceived,
     TermReqReceived,
 )
+from nvmeof.tcp.machine import (
+    CONTROLLER_TRANSITIONS,
+    HOST_TRANSITIONS,
+    ConnectionState,
+    PduConnection,
+    Scatter,
+    byte_view,
+)
 from nvmeof.tcp.pdu import (
-    ALLOWED_FLAGS,
-    COMMON_HEADER_SIZE,
     CQE_SIZE,
-    DIGEST_SIZE,
     FEI_CCCID,
     FEI_DATAL,
     FEI_DATAO,
@@ -49,19 +57,12 @@ from nvmeof.tcp.pdu import (
     FEI_FLAGS,
     FEI_MAXH2CDATA,
     FEI_PDA,
-    FEI_PDO,
     FEI_PFV,
     FEI_PLEN,
     FEI_TTAG,
-    HEADER_DIGEST_TYPES,
-    HLEN,
-    IC_PDU_SIZE,
     MAX_PDA,
     R2T,
     SQE_SIZE,
-    TERM_REQ_HEADER_SIZE,
-    TERM_REQ_MAX_DATA,
-    TERM_REQ_MAX_PLEN,
     Buffer,
     C2HDataHeader,
     CapsuleCmdHeader,
@@ -73,11 +74,7 @@ from nvmeof.tcp.pdu import (
     ICResp,
     PduFlags,
     PduType,
-    TermReq,
     build_header,
-    crc32c_of,
-    pack_digest,
-    unpack_digest,
 )
 
 __all__ = [
@@ -100,83 +97,8 @@ __all__ = [
 ]
 
 _FES = FatalErrorStatus
-
-
-class ConnectionState(Enum):
-    IDLE = "IDLE"  # host, before initiate()
-    AWAIT_ICRESP = "AWAIT_ICRESP"  # host, ICReq sent
-    AWAIT_ICREQ = "AWAIT_ICREQ"  # controller, fresh connection
-    READY = "READY"
-    ERROR = "ERROR"  # we raised PduError / sent a TermReq; sticky
-    CLOSED = "CLOSED"  # EOF or the peer's TermReq; sticky
-
-
 _S = ConnectionState
 _T = PduType
-
-#: (state, received PDU type) -> next state, per role. Not in the table -> PDU sequence error.
-HOST_TRANSITIONS: dict[tuple[ConnectionState, PduType], ConnectionState] = {
-    (_S.IDLE, _T.C2H_TERM_REQ): _S.CLOSED,
-    (_S.AWAIT_ICRESP, _T.IC_RESP): _S.READY,
-    (_S.AWAIT_ICRESP, _T.C2H_TERM_REQ): _S.CLOSED,
-    (_S.READY, _T.CAPSULE_RESP): _S.READY,
-    (_S.READY, _T.C2H_DATA): _S.READY,
-    (_S.READY, _T.R2T): _S.READY,
-    (_S.READY, _T.C2H_TERM_REQ): _S.CLOSED,
-}
-CONTROLLER_TRANSITIONS: dict[tuple[ConnectionState, PduType], ConnectionState] = {
-    (_S.AWAIT_ICREQ, _T.IC_REQ): _S.READY,
-    (_S.AWAIT_ICREQ, _T.H2C_TERM_REQ): _S.CLOSED,
-    (_S.READY, _T.CAPSULE_CMD): _S.READY,
-    (_S.READY, _T.H2C_DATA): _S.READY,
-    (_S.READY, _T.H2C_TERM_REQ): _S.CLOSED,
-}
-
-
-class _Phase(Enum):
-    CH = 0  # waiting for the 8-byte common header
-    HEADER = 1  # waiting for the rest of the header (PSH, HDGST, pad) or a whole TermReq
-    PAYLOAD = 2  # filling destination segments
-    DDGST = 3  # waiting for the 4-byte data digest
-
-
-_MIN_RECEIVE_BUFFER = 1024
-
-
-def _byte_view(buf: Buffer) -> memoryview:
-    view = memoryview(buf)
-    if view.ndim != 1 or view.format not in ("B", "b", "c"):
-        view = view.cast("B")
-    return view
-
-
-class _Scatter:
-    """A list of views addressed as one byte range; slicing returns views, never copies."""
-
-    __slots__ = ("starts", "total", "views")
-
-    def __init__(self, buffers: Iterable[Buffer]) -> None:
-        self.views = [_byte_view(b) for b in buffers]
-        self.starts: list[int] = []
-        total = 0
-        for view in self.views:
-            self.starts.append(total)
-            total += len(view)
-        self.total = total
-
-    def slice(self, offset: int, length: int) -> list[memoryview]:
-        out: list[memoryview] = []
-        i = bisect.bisect_right(self.starts, offset) - 1
-        while length > 0:
-            view = self.views[i]
-            start = offset - self.starts[i]
-            k = min(len(view) - start, length)
-            if k > 0:
-                out.append(view[start : start + k])
-                offset += k
-                length -= k
-            i += 1
-        return out
 
 
 class _Pull:
@@ -197,300 +119,12 @@ class _Read:
 
     __slots__ = ("received", "scatter")
 
-    def __init__(self, scatter: _Scatter) -> None:
+    def __init__(self, scatter: Scatter) -> None:
         self.scatter = scatter
         self.received = 0
 
 
-class _Connection:
-    """The receive machinery and send queue both roles share."""
-
-    _transitions: dict[tuple[ConnectionState, PduType], ConnectionState]
-    _receivable: frozenset[int]
-    _term_type: PduType
-
-    def __init__(self, *, state: ConnectionState, receive_buffer_size: int) -> None:
-        if receive_buffer_size < _MIN_RECEIVE_BUFFER:
-            raise ValueError(f"receive_buffer_size must be >= {_MIN_RECEIVE_BUFFER}")
-        self.params: ConnectionParams | None = None
-        self._state = state
-        self._events: deque[Event] = deque()
-        self._out: list[Buffer] = []
-        # receive buffer: unparsed bytes live in [_rstart, _rend)
-        self._rbuf = bytearray(receive_buffer_size)
-        self._rview = memoryview(self._rbuf)
-        self._rstart = 0
-        self._rend = 0
-        self._min_free = min(4096, receive_buffer_size // 4)
-        self._direct_min = min(16384, receive_buffer_size // 4)
-        self._phase = _Phase.CH
-        self._wants_len = 0
-        self._direct = False
-        # the PDU being received
-        self._ch = CommonHeader(0, 0, 0, 0, 0)
-        self._ptype = PduType.IC_REQ
-        self._hdr_size = 0
-        self._hd = False
-        self._dd = False
-        self._datal = 0  # data bytes implied by PLEN/PDO/DDGSTF
-        self._segs: list[memoryview] = []
-        self._seg_i = 0
-        self._seg_off = 0
-        self._payload_left = 0
-
-    # -- public ------------------------------------------------------------------------------
-    @property
-    def state(self) -> ConnectionState:
-        return self._state
-
-    def next_event(self) -> Event | None:
-        return self._events.popleft() if self._events else None
-
-    def data_to_send(self) -> list[Buffer]:
-        out, self._out = self._out, []
-        return out
-
-    def send_term_req(self, fes: int, fei: int = 0) -> None:
-        """Terminate the connection by our own decision (no offending header attached)."""
-        if self._state in (_S.ERROR, _S.CLOSED):
-            return
-        self._out.append(TermReq(fes, fei).to_bytes(self._term_type))
-        self._state = _S.ERROR
-
-    def wants(self) -> memoryview:
-        """The non-empty view the next received bytes must land in."""
-        self._check_open()
-        if self._phase is _Phase.PAYLOAD and self._payload_left >= self._direct_min:
-            view = self._segs[self._seg_i][self._seg_off :]
-            self._direct = True
-        else:
-            if self._rstart == self._rend:
-                self._rstart = self._rend = 0
-            elif len(self._rbuf) - self._rend < self._min_free:
-                n = self._rend - self._rstart
-                self._rbuf[:n] = self._rview[self._rstart : self._rend]
-                self._rstart, self._rend = 0, n
-            view = self._rview[self._rend :]
-            self._direct = False
-        self._wants_len = len(view)
-        return view
-
-    def received(self, n: int) -> None:
-        """``n`` bytes landed in the last ``wants()`` view; 0 means EOF."""
-        self._check_open()
-        if n == 0:
-            clean = self._phase is _Phase.CH and self._rstart == self._rend
-            self._state = _S.CLOSED
-            self._events.append(ConnectionClosed(clean))
-            return
-        if n < 0 or n > self._wants_len:
-            raise ValueError(f"received({n}) but the last wants() view held {self._wants_len}")
-        self._wants_len = 0
-        if self._direct:
-            self._direct = False
-            self._advance(n)
-        else:
-            self._rend += n
-        self._parse()
-
-    def receive_data(self, data: Buffer) -> None:
-        """Copy ``data`` through wants()/received(); empty ``data`` means EOF (like h11)."""
-        src = _byte_view(data)
-        if not src:
-            self.received(0)
-            return
-        while src and self._state not in (_S.ERROR, _S.CLOSED):
-            view = self.wants()
-            k = min(len(view), len(src))
-            view[:k] = src[:k]
-            src = src[k:]
-            self.received(k)
-
-    # -- receive machinery -------------------------------------------------------------------
-    def _check_open(self) -> None:
-        if self._state in (_S.ERROR, _S.CLOSED):
-            raise ProtocolError(f"connection is {self._state.value}")
-
-    def _fail(self, message: str, fes: int, fei: int = 0, header_bytes: int = 0) -> PduError:
-        """Queue the termination PDU (with the offending header), go to ERROR, return the error."""
-        avail = self._rend - self._rstart
-        size = min(header_bytes or COMMON_HEADER_SIZE, avail, TERM_REQ_MAX_DATA)
-        offending = self._rview[self._rstart : self._rstart + size]
-        self._out.append(TermReq(fes, fei).to_bytes(self._term_type, offending))
-        self._state = _S.ERROR
-        return PduError(message, fes=fes, fei=fei)
-
-    def _advance(self, n: int) -> None:
-        self._payload_left -= n
-        self._seg_off += n
-        if self._seg_off == len(self._segs[self._seg_i]):
-            self._seg_i += 1
-            self._seg_off = 0
-
-    def _expect_payload(self, segs: list[memoryview]) -> None:
-        self._segs = segs
-        self._seg_i = 0
-        self._seg_off = 0
-        self._payload_left = self._datal
-
-    def _parse(self) -> None:
-        while self._state not in (_S.ERROR, _S.CLOSED):
-            avail = self._rend - self._rstart
-            phase = self._phase
-            if phase is _Phase.CH:
-                if avail < COMMON_HEADER_SIZE:
-                    return
-                self._check_common_header()
-                self._phase = _Phase.HEADER
-            elif phase is _Phase.HEADER:
-                if avail < self._hdr_size:
-                    return
-                self._handle_header()
-            elif phase is _Phase.PAYLOAD:
-                while self._payload_left and avail:
-                    seg = self._segs[self._seg_i]
-                    k = min(len(seg) - self._seg_off, avail)
-                    seg[self._seg_off : self._seg_off + k] = self._rview[
-                        self._rstart : self._rstart + k
-                    ]
-                    self._rstart += k
-                    avail -= k
-                    self._advance(k)
-                if self._payload_left:
-                    return
-                if self._dd:
-                    self._phase = _Phase.DDGST
-                else:
-                    self._phase = _Phase.CH
-                    self._payload_done(True)
-            else:  # DDGST
-                if avail < DIGEST_SIZE:
-                    return
-                ok = unpack_digest(self._rview, self._rstart) == crc32c_of(self._segs)
-                self._rstart += DIGEST_SIZE
-                self._phase = _Phase.CH
-                self._payload_done(ok)
-
-    def _check_common_header(self) -> None:
-        """Validate the 8-byte CH before trusting any length in it (SPDK nvmf_tcp_pdu_ch_handle)."""
-        ch = CommonHeader.unpack_from(self._rview, self._rstart)
-        self._ch = ch
-        if ch.pdu_type not in self._receivable:
-            raise self._fail(f"unknown PDU type 0x{ch.pdu_type:02x}", _FES.INVALID_HEADER_FIELD)
-        ptype = PduType(ch.pdu_type)
-        self._ptype = ptype
-        if (self._state, ptype) not in self._transitions:
-            raise self._fail(
-                f"{ptype.name} not allowed in state {self._state.value}", _FES.PDU_SEQUENCE_ERROR
-            )
-        hlen = HLEN[ptype]
-        if ch.hlen != hlen:
-            raise self._fail(f"{ptype.name} HLEN {ch.hlen} != {hlen}", _FES.INVALID_HEADER_FIELD, 2)
-        if ptype in (_T.H2C_TERM_REQ, _T.C2H_TERM_REQ):
-            # Buffer the whole TermReq (<= 152 bytes); flags and PDO are not checked: the peer is
-            # leaving anyway (the Linux host accepts PLEN 24..152 the same way).
-            if not TERM_REQ_HEADER_SIZE <= ch.plen <= TERM_REQ_MAX_PLEN:
-                raise self._fail(f"TermReq PLEN {ch.plen}", _FES.INVALID_HEADER_FIELD, FEI_PLEN)
-            self._hd = self._dd = False
-            self._hdr_size = ch.plen
-            self._datal = 0
-            return
-        if ch.flags & ~ALLOWED_FLAGS[ptype]:
-            raise self._fail(
-                f"{ptype.name} flags 0x{ch.flags:02x}", _FES.INVALID_HEADER_FIELD, FEI_FLAGS
-            )
-        hd = bool(ch.flags & PduFlags.HDGSTF)
-        dd = bool(ch.flags & PduFlags.DDGSTF)
-        params = self.params
-        if ptype in HEADER_DIGEST_TYPES:
-            assert params is not None  # only READY admits these types
-            if hd != params.header_digest:
-                raise self._fail("HDGSTF contrary to negotiation", _FES.INVALID_HEADER_FIELD, 1)
-        hsz = hlen + (DIGEST_SIZE if hd else 0)
-        self._hd, self._dd = hd, dd
-        self._datal = 0
-        self._hdr_size = hsz
-        if ptype in (_T.IC_REQ, _T.IC_RESP):
-            if ch.plen != IC_PDU_SIZE:
-                raise self._fail(f"{ptype.name} PLEN {ch.plen}", _FES.INVALID_HEADER_FIELD, 4)
-            if ch.pdo != 0:
-                raise self._fail(f"{ptype.name} PDO {ch.pdo}", _FES.INVALID_HEADER_FIELD, 3)
-            return
-        if ch.plen < hsz:
-            raise self._fail(f"{ptype.name} PLEN {ch.plen} < {hsz}", _FES.INVALID_HEADER_FIELD, 4)
-        if ptype in (_T.CAPSULE_RESP, _T.R2T):
-            if ch.plen != hsz:
-                raise self._fail(f"{ptype.name} PLEN {ch.plen}", _FES.INVALID_HEADER_FIELD, 4)
-            if ch.pdo != 0:
-                raise self._fail(f"{ptype.name} PDO {ch.pdo}", _FES.INVALID_HEADER_FIELD, 3)
-            return
-        assert params is not None
-        if ptype is _T.CAPSULE_CMD and ch.plen == hsz:
-            # No in-capsule data. PDO is not checked (hosts send 0); DDGSTF must be clear, as
-            # the Linux host sets it only when the capsule carries data.
-            if dd:
-                raise self._fail("DDGSTF on a capsule without data", _FES.INVALID_HEADER_FIELD, 1)
-            return
-        # a PDU carrying data: CapsuleCmd with in-capsule data, H2CData, C2HData
-        if dd != params.data_digest:
-            raise self._fail("DDGSTF contrary to negotiation", _FES.INVALID_HEADER_FIELD, 1)
-        unit = (self._rx_pda() + 1) * 4
-        if ch.pdo < hsz or ch.pdo % unit:
-            raise self._fail(f"{ptype.name} PDO {ch.pdo}", _FES.INVALID_HEADER_FIELD, FEI_PDO)
-        ddsz = DIGEST_SIZE if dd else 0
-        if ch.plen <= ch.pdo + ddsz:
-            raise self._fail(
-                f"{ptype.name} PLEN {ch.plen} leaves no data", _FES.INVALID_HEADER_FIELD, FEI_PLEN
-            )
-        self._hdr_size = ch.pdo
-        self._datal = ch.plen - ch.pdo - ddsz
-        self._check_data_length(ptype, self._datal)
-
-    def _handle_header(self) -> None:
-        """The whole header is buffered at ``_rstart``: check HDGST, then let the role handle it."""
-        ch = self._ch
-        ptype = self._ptype
-        hdr = self._rview[self._rstart : self._rstart + self._hdr_size]
-        hlen = ch.hlen
-        hdr_bytes = hlen + (DIGEST_SIZE if self._hd else 0)
-        if self._hd and unpack_digest(hdr, hlen) != crc32c_of((hdr[:hlen],)):
-            raise self._fail("header digest mismatch", _FES.HEADER_DIGEST_ERROR, 0, hdr_bytes)
-        next_state = self._transitions[(self._state, ptype)]
-        if ptype in (_T.H2C_TERM_REQ, _T.C2H_TERM_REQ):
-            term = TermReq.unpack_from(hdr)
-            self._rstart += self._hdr_size
-            self._state = next_state
-            self._events.append(TermReqReceived(term.fes, term.fei))
-            return
-        self._on_header(ptype, ch, hdr, hdr_bytes)
-        self._rstart += self._hdr_size
-        self._state = next_state
-        self._phase = _Phase.PAYLOAD if self._datal else _Phase.CH
-
-    def _queue_pdu(
-        self, header: bytearray, payload: Sequence[memoryview], data_digest: bool
-    ) -> None:
-        self._out.append(header)
-        if payload:
-            self._out.extend(payload)
-            if data_digest:
-                self._out.append(pack_digest(crc32c_of(payload)))
-
-    # -- role hooks ----------------------------------------------------------------------------
-    def _rx_pda(self) -> int:
-        raise NotImplementedError
-
-    def _check_data_length(self, ptype: PduType, datal: int) -> None:
-        """Limit checks that need only PLEN (before the header is buffered)."""
-
-    def _on_header(self, ptype: PduType, ch: CommonHeader, hdr: memoryview, hdr_bytes: int) -> None:
-        raise NotImplementedError
-
-    def _payload_done(self, digest_ok: bool) -> None:
-        raise NotImplementedError
-
-
-class HostConnection(_Connection):
+class HostConnection(PduConnection):
     """The host (initiator) end of one NVMe/TCP connection (one queue)."""
 
     _transitions = HOST_TRANSITIONS
@@ -510,7 +144,7 @@ class HostConnection(_Connection):
             raise ValueError(f"hpda {hpda} not in 0..{MAX_PDA}")
         super().__init__(state=_S.IDLE, receive_buffer_size=receive_buffer_size)
         self._icreq = ICReq(0, hpda, header_digest, data_digest, maxr2t)
-        self._writes: dict[int, _Scatter] = {}
+        self._writes: dict[int, Scatter] = {}
         self._reads: dict[int, _Read] = {}
         self._cur_read: _Read | None = None
         self._cur_cccid = 0
@@ -533,18 +167,18 @@ class HostConnection(_Connection):
     ) -> None:
         """Queue a CapsuleCmd; register ``write`` data for R2Ts and ``read_into`` for C2HData."""
         params = self._ready_params()
-        sqe_view = _byte_view(sqe)
+        sqe_view = byte_view(sqe)
         if len(sqe_view) != SQE_SIZE:
             raise ValueError(f"SQE must be {SQE_SIZE} bytes, got {len(sqe_view)}")
         cid = int.from_bytes(sqe_view[2:4], "little")
         if cid in self._writes or cid in self._reads:
             raise ProtocolError(f"command {cid} already has data registered")
-        icd = _Scatter(in_capsule)
+        icd = Scatter(in_capsule)
         payload = icd.slice(0, icd.total)
         if write:
-            self._writes[cid] = _Scatter(write)
+            self._writes[cid] = Scatter(write)
         if read_into:
-            reads = _Scatter(read_into)
+            reads = Scatter(read_into)
             if any(v.readonly for v in reads.views):
                 raise ValueError("read_into views must be writable")
             self._reads[cid] = _Read(reads)
@@ -706,7 +340,7 @@ class HostConnection(_Connection):
             self._events.append(ResponseReceived(memoryview(cqe)))
 
 
-class ControllerConnection(_Connection):
+class ControllerConnection(PduConnection):
     """The controller (target) end of one NVMe/TCP connection (one queue)."""
 
     _transitions = CONTROLLER_TRANSITIONS
@@ -752,7 +386,7 @@ class ControllerConnection(_Connection):
     def request_data(self, cid: int, into: memoryview) -> None:
         """Queue one R2T for ``len(into)`` bytes; the H2CData lands directly in ``into``."""
         self._ready_params()
-        view = _byte_view(into)
+        view = byte_view(into)
         if not view:
             raise ValueError("request_data needs a non-empty destination")
         if view.readonly:
@@ -766,7 +400,7 @@ class ControllerConnection(_Connection):
     def send_data(self, cid: int, data: Sequence[Buffer], *, success: bool = False) -> None:
         """Queue C2HData PDUs carrying ``data`` (views, not copies); SUCCESS on the last if set."""
         params = self._ready_params()
-        scatter = _Scatter(data)
+        scatter = Scatter(data)
         if scatter.total == 0:
             raise ValueError("send_data needs at least one byte (C2HData DATAL > 0)")
         offset = 0
@@ -790,7 +424,7 @@ class ControllerConnection(_Connection):
     def send_response(self, cqe: Buffer) -> None:
         """Queue a CapsuleResp."""
         self._ready_params()
-        view = _byte_view(cqe)
+        view = byte_view(cqe)
         if len(view) != CQE_SIZE:
             raise ValueError(f"CQE must be {CQE_SIZE} bytes, got {len(view)}")
         self._queue_pdu(self._header(CapsuleRespHeader(bytes(view))), (), False)

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from nvmeof.tcp.pdu import (
     HLEN,
+    R2T,
     C2HDataHeader,
     CapsuleCmdHeader,
     CapsuleRespHeader,
@@ -20,7 +21,6 @@ from nvmeof.tcp.pdu import (
     ICResp,
     PduFlags,
     PduType,
-    R2T,
     TermReq,
     build_header,
     crc32c_of,
@@ -36,11 +36,14 @@ u32 = st.integers(0, 0xFFFFFFFF)
 
 def test_enum_values() -> None:
     assert [int(t) for t in PduType] == [0, 1, 2, 3, 4, 5, 6, 7, 9]
-    assert PduFlags.HDGSTF == 1 and PduFlags.DDGSTF == 2
-    assert PduFlags.LAST_PDU == 4 and PduFlags.SUCCESS == 8
-    assert FatalErrorStatus.INVALID_HEADER_FIELD == 1
-    assert FatalErrorStatus.UNSUPPORTED_PARAMETER == 6
-    assert HLEN[PduType.CAPSULE_CMD] == 72 and HLEN[PduType.IC_REQ] == 128
+    assert int(PduFlags.HDGSTF) == 1
+    assert int(PduFlags.DDGSTF) == 2
+    assert int(PduFlags.LAST_PDU) == 4
+    assert int(PduFlags.SUCCESS) == 8
+    assert int(FatalErrorStatus.INVALID_HEADER_FIELD) == 1
+    assert int(FatalErrorStatus.UNSUPPORTED_PARAMETER) == 6
+    assert HLEN[PduType.CAPSULE_CMD] == 72
+    assert HLEN[PduType.IC_REQ] == 128
 
 
 def test_icreq_golden() -> None:
@@ -163,4 +166,5 @@ def test_build_header_no_data() -> None:
     assert len(hdr) == 28
     # never digested: IC PDUs ignore header_digest
     ic = build_header(ICReq(), header_digest=True)
-    assert len(ic) == 128 and ic[1] == 0
+    assert len(ic) == 128
+    assert ic[1] == 0

@@ -1,0 +1,461 @@
+"""``gpucache bench``: put and get throughput and latency against a target, next to raw TCP.
+
+For every value size and number of commands in flight, ``inflight`` worker tasks loop over one
+shared ``KVClient`` (its I/O queues take the commands round robin), each timing every ``await``
+with ``time.perf_counter``. Puts store one preallocated value; gets land in a preallocated buffer
+per worker (``get(key, out=...)``, the zero-copy path) after the keys are stored. Each cell runs
+for ``--seconds`` or until ``--max-bytes``/``--max-ops``, whichever comes first, with at least one
+command per worker. Next to each cell, the same bytes go over a plain loopback socket between this
+process and a child process (``bench.raw_tcp``) with as many messages outstanding: the bound a
+Python NVMe/TCP path can hope for here, and each figure is printed as a ratio to it.
+
+Nothing here judges the numbers; it measures and prints them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import anyio.to_thread
+import attrs
+
+from bench.raw_tcp import RawResult, RawServer, spawn_raw_server
+from nvmeof.units import format_size, parse_size
+
+if TYPE_CHECKING:
+    from kvext.client import KVClient
+
+log = logging.getLogger("gpucache.bench")
+
+DEFAULT_SIZES = "4KiB,256KiB,4MiB,32MiB"
+DEFAULT_INFLIGHT = "1,8,32"
+DEFAULT_NQN = "nqn.2024-01.io.gpucache:kv0"  # the same as ``gpucache target``'s
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--sizes", default=DEFAULT_SIZES, help=f"value sizes, comma separated ({DEFAULT_SIZES})"
+    )
+    parser.add_argument(
+        "--inflight",
+        default=DEFAULT_INFLIGHT,
+        help=f"commands in flight, comma separated ({DEFAULT_INFLIGHT})",
+    )
+    parser.add_argument("--seconds", type=float, default=2.0, help="time budget per cell")
+    parser.add_argument(
+        "--raw-seconds",
+        type=float,
+        default=None,
+        help="time budget per raw-TCP cell (default: a quarter of --seconds)",
+    )
+    parser.add_argument(
+        "--max-bytes", default="2GiB", help="stop a cell after this much data (default 2GiB)"
+    )
+    parser.add_argument(
+        "--max-ops", type=int, default=200_000, help="stop a cell after this many commands"
+    )
+    parser.add_argument("--queues", type=int, default=4, help="I/O queues (connections)")
+    parser.add_argument(
+        "--digests", action="store_true", help="header and data digests (CRC32C) on"
+    )
+    parser.add_argument(
+        "-a", "--address", help="bench this running target (host:port) instead of spawning one"
+    )
+    parser.add_argument("-n", "--nqn", default=DEFAULT_NQN, help="subsystem NQN")
+    parser.add_argument(
+        "--capacity", default="8GiB", help="capacity of the spawned target (default 8GiB)"
+    )
+    parser.add_argument(
+        "--max-value-size",
+        default="64MiB",
+        help="max value size of the spawned target (default 64MiB, raised to fit --sizes)",
+    )
+    parser.add_argument("--no-raw", action="store_true", help="skip the raw-TCP bound")
+    parser.add_argument("--timeout", type=float, default=60.0, help="seconds per command")
+    parser.add_argument("--json", metavar="PATH", help="also write the results here as JSON")
+
+
+# --- settings and results ---------------------------------------------------------------------
+def _size_list(text: str) -> list[int]:
+    sizes = [parse_size(part) for part in text.split(",") if part.strip()]
+    if not sizes or min(sizes) < 1:
+        raise ValueError(f"--sizes needs sizes of at least 1 byte: {text!r}")
+    return sizes
+
+
+def _int_list(text: str, what: str) -> list[int]:
+    values = [int(part) for part in text.split(",") if part.strip()]
+    if not values or min(values) < 1:
+        raise ValueError(f"{what} needs positive integers: {text!r}")
+    return values
+
+
+def size_label(n: int) -> str:
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift and n % (1 << shift) == 0:
+            return f"{n >> shift}{unit}"
+    return f"{n}B" if n < 1024 else format_size(n).replace(" ", "")
+
+
+@attrs.frozen
+class Settings:
+    sizes: list[int]
+    inflight: list[int]
+    seconds: float
+    raw_seconds: float
+    max_bytes: int
+    max_ops: int
+    queues: int
+    digests: bool
+    timeout: float
+
+    @property
+    def pool(self) -> int:
+        """Keys (and get buffers) per size: one per worker of the largest in-flight count."""
+        return max(self.inflight)
+
+    def op_cap(self, size: int) -> int:
+        return max(1, min(self.max_ops, self.max_bytes // size))
+
+
+@attrs.frozen
+class Stats:
+    ops: int
+    seconds: float
+    p50: float
+    p99: float
+
+    @classmethod
+    def of(cls, ops: int, seconds: float, latencies: list[float]) -> Stats:
+        ordered = sorted(latencies)
+        return cls(ops, seconds, _percentile(ordered, 0.50), _percentile(ordered, 0.99))
+
+    def ops_per_s(self) -> float:
+        return self.ops / self.seconds if self.seconds > 0 else 0.0
+
+    def gb_per_s(self, size: int) -> float:
+        return self.ops * size / self.seconds / 1e9 if self.seconds > 0 else 0.0
+
+
+def _percentile(ordered: list[float], q: float) -> float:
+    """Nearest-rank percentile of sorted ``ordered``."""
+    if not ordered:
+        return math.nan
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+
+
+@attrs.frozen
+class Cell:
+    op: str
+    size: int
+    inflight: int
+    kv: Stats
+    raw: Stats | None
+
+    @property
+    def ratio(self) -> float | None:
+        if self.raw is None:
+            return None
+        raw = self.raw.gb_per_s(self.size)
+        return self.kv.gb_per_s(self.size) / raw if raw > 0 else None
+
+    def to_json(self) -> dict[str, Any]:
+        def stats(s: Stats | None) -> dict[str, Any] | None:
+            if s is None:
+                return None
+            return {
+                "ops": s.ops,
+                "seconds": s.seconds,
+                "ops_per_s": s.ops_per_s(),
+                "gb_per_s": s.gb_per_s(self.size),
+                "p50_ms": s.p50 * 1e3,
+                "p99_ms": s.p99 * 1e3,
+            }
+
+        return {
+            "op": self.op,
+            "size": self.size,
+            "size_label": size_label(self.size),
+            "inflight": self.inflight,
+            "kv": stats(self.kv),
+            "raw_tcp": stats(self.raw),
+            "ratio_to_raw": self.ratio,
+        }
+
+
+@attrs.define
+class _Budget:
+    """Commands a cell may still start: until the deadline or the cap, at least ``min_ops``."""
+
+    deadline: float
+    max_ops: int
+    min_ops: int
+    started: int = 0
+
+    def take(self) -> bool:
+        if self.started >= self.min_ops and (
+            self.started >= self.max_ops or time.perf_counter() >= self.deadline
+        ):
+            return False
+        self.started += 1
+        return True
+
+
+# --- the measurements -------------------------------------------------------------------------
+async def _kv_cell(
+    inflight: int,
+    keys: Sequence[bytes],
+    seconds: float,
+    max_ops: int,
+    op: Callable[[int, bytes], Any],
+) -> Stats:
+    """Run ``op(worker, key)`` from ``inflight`` workers; each worker owns keys w, w+n, ..."""
+    latencies: list[float] = []
+    start = time.perf_counter()
+    end = start
+    budget = _Budget(start + seconds, max_ops, inflight)
+
+    async def worker(w: int) -> None:
+        nonlocal end
+        mine = keys[w::inflight]
+        i = 0
+        while budget.take():
+            key = mine[i % len(mine)]
+            i += 1
+            t0 = time.perf_counter()
+            await op(w, key)
+            t1 = time.perf_counter()
+            latencies.append(t1 - t0)
+            end = max(end, t1)
+
+    async with anyio.create_task_group() as tg:
+        for w in range(inflight):
+            tg.start_soon(worker, w)
+    return Stats.of(len(latencies), end - start, latencies)
+
+
+def _raw_stats(result: RawResult) -> Stats:
+    return Stats.of(result.ops, result.seconds, result.latencies)
+
+
+async def _bench(
+    settings: Settings,
+    address: tuple[str, int],
+    nqn: str,
+    raw: RawServer | None,
+    report: Callable[[Cell], None],
+) -> list[Cell]:
+    from kvext.client import KVClient
+
+    cells: list[Cell] = []
+    async with KVClient.connect(
+        address,
+        nqn,
+        io_queues=settings.queues,
+        queue_depth=max(settings.inflight),
+        header_digest=settings.digests,
+        data_digest=settings.digests,
+    ) as kv:
+        kv.timeout = settings.timeout
+        queues = len(kv.controller.io_queues)
+        if queues != settings.queues:
+            log.warning("asked for %d I/O queues, the target gave %d", settings.queues, queues)
+        for size in settings.sizes:
+            cells += await _bench_size(kv, settings, size, raw, report)
+    return cells
+
+
+async def _bench_size(
+    kv: KVClient,
+    settings: Settings,
+    size: int,
+    raw: RawServer | None,
+    report: Callable[[Cell], None],
+) -> list[Cell]:
+    """The put cells, then the get cells, of one value size; its keys are deleted after."""
+    cells: list[Cell] = []
+    value = os.urandom(size)
+    keys = [f"bench-{size}-{i}".encode() for i in range(settings.pool)]
+    # One buffer per worker, reused by every cell of this size (and by the raw bound).
+    buffers = [bytearray(size) for _ in range(settings.pool)]
+    cap = settings.op_cap(size)
+    stored: set[bytes] = set()
+
+    async def put(w: int, key: bytes) -> None:
+        await kv.put(key, value)
+        stored.add(key)
+
+    async def get(w: int, key: bytes) -> None:
+        await kv.get(key, out=buffers[w])
+
+    for phase, op in (("put", put), ("get", get)):
+        if phase == "get":
+            await kv.put_many((k, value) for k in keys if k not in stored)
+        for n in settings.inflight:
+            raw_stats: Stats | None = None
+            if raw is not None:
+                if phase == "put":
+                    result = await anyio.to_thread.run_sync(
+                        raw.run_put, memoryview(value), n, settings.raw_seconds, cap
+                    )
+                else:
+                    result = await anyio.to_thread.run_sync(
+                        raw.run_get, buffers, n, settings.raw_seconds, cap
+                    )
+                raw_stats = _raw_stats(result)
+            cell = Cell(
+                phase, size, n, await _kv_cell(n, keys, settings.seconds, cap, op), raw_stats
+            )
+            cells.append(cell)
+            report(cell)
+    for key in keys:
+        await kv.delete(key)
+    return cells
+
+
+# --- output -----------------------------------------------------------------------------------
+COLUMNS = (
+    ("op", "<"),
+    ("size", ">"),
+    ("inflight", ">"),
+    ("ops", ">"),
+    ("ops/s", ">"),
+    ("GB/s", ">"),
+    ("p50 ms", ">"),
+    ("p99 ms", ">"),
+    ("raw GB/s", ">"),
+    ("raw p50 ms", ">"),
+    ("vs raw", ">"),
+)
+
+
+def _row(cell: Cell) -> list[str]:
+    kv, raw, ratio = cell.kv, cell.raw, cell.ratio
+    return [
+        cell.op,
+        size_label(cell.size),
+        str(cell.inflight),
+        str(kv.ops),
+        f"{kv.ops_per_s():.1f}",
+        f"{kv.gb_per_s(cell.size):.3f}",
+        f"{kv.p50 * 1e3:.3f}",
+        f"{kv.p99 * 1e3:.3f}",
+        "-" if raw is None else f"{raw.gb_per_s(cell.size):.3f}",
+        "-" if raw is None else f"{raw.p50 * 1e3:.3f}",
+        "-" if ratio is None else f"{ratio:.2f}x",
+    ]
+
+
+def format_table(cells: Sequence[Cell]) -> str:
+    rows = [[name for name, _ in COLUMNS], *(_row(c) for c in cells)]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS))]
+    lines = []
+    for j, r in enumerate(rows):
+        parts = [f"{v:{align}{w}}" for v, (_, align), w in zip(r, COLUMNS, widths, strict=True)]
+        lines.append("  ".join(parts).rstrip())
+        if j == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+# --- entry point ------------------------------------------------------------------------------
+def _settings(args: argparse.Namespace) -> Settings:
+    if args.seconds <= 0:
+        raise ValueError("--seconds must be positive")
+    if args.queues < 1 or args.max_ops < 1:
+        raise ValueError("--queues and --max-ops must be at least 1")
+    raw_seconds = args.raw_seconds if args.raw_seconds is not None else args.seconds / 4
+    return Settings(
+        sizes=_size_list(args.sizes),
+        inflight=_int_list(args.inflight, "--inflight"),
+        seconds=args.seconds,
+        raw_seconds=raw_seconds,
+        max_bytes=parse_size(args.max_bytes),
+        max_ops=args.max_ops,
+        queues=args.queues,
+        digests=args.digests,
+        timeout=args.timeout,
+    )
+
+
+def main(args: argparse.Namespace) -> int:
+    from nvmeof.errors import NvmeofError
+    from nvmeof.initiator.controller import parse_address
+    from nvmeof.testing import spawn_target
+
+    try:
+        settings = _settings(args)
+    except ValueError as exc:
+        log.error("%s", exc)
+        return 2
+    wall = time.perf_counter()
+    try:
+        with contextlib.ExitStack() as stack:
+            if args.address:
+                address = parse_address(args.address)
+                where = f"target at {address[0]}:{address[1]}"
+            else:
+                max_value = max(parse_size(args.max_value_size), max(settings.sizes) + (1 << 20))
+                target = stack.enter_context(
+                    spawn_target(
+                        "--capacity",
+                        args.capacity,
+                        "--max-value-size",
+                        str(max_value),
+                        nqn=args.nqn,
+                    )
+                )
+                address = target.address
+                where = f"spawned target (capacity {args.capacity}) on {address[0]}:{address[1]}"
+            raw = None if args.no_raw else stack.enter_context(spawn_raw_server())
+            print(
+                f"gpucache bench: {where}, {args.nqn}; {settings.queues} I/O queues, digests "
+                f"{'on' if settings.digests else 'off'}, backend {args.backend}; "
+                f"{settings.seconds:g} s per cell, raw TCP {settings.raw_seconds:g} s per cell",
+                flush=True,
+            )
+
+            def report(cell: Cell) -> None:
+                log.info("%s", " ".join(_row(cell)))
+
+            cells = anyio.run(
+                _bench, settings, address, args.nqn, raw, report, backend=args.backend
+            )
+    except (NvmeofError, OSError, RuntimeError, TimeoutError, ExceptionGroup) as exc:
+        log.error("bench failed: %s", exc)
+        return 1
+    wall = time.perf_counter() - wall
+    print()
+    print(format_table(cells))
+    print()
+    print(
+        "GB/s = 1e9 bytes/s of value data; latency per command, perf_counter around each await;"
+        " raw = plain Python loopback socket to a child process, recv_into a preallocated buffer,"
+        " same size and in-flight; vs raw = KV GB/s / raw GB/s."
+    )
+    print(f"total wall time {wall:.1f} s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(
+                {
+                    "settings": attrs.asdict(settings),
+                    "address": list(address),
+                    "nqn": args.nqn,
+                    "backend": args.backend,
+                    "wall_seconds": wall,
+                    "cells": [c.to_json() for c in cells],
+                },
+                f,
+                indent=2,
+            )
+            f.write("\n")
+    return 0

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Creates .venv with GPUCache and its test tools; installs tshark for the interop tests.
+# Safe to run again: it only installs what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    "$PYTHON" -m venv .venv
+fi
+.venv/bin/python -m pip install --quiet --upgrade pip
+# torch is pinned: this exact CPU build is what the machines here install without a multi-GB download.
+.venv/bin/python -m pip install --quiet -e '.[dev]' 'torch==2.13.0'
+
+if [ "${1:-}" = "--with-tshark" ] && ! command -v tshark >/dev/null 2>&1; then
+    export DEBIAN_FRONTEND=noninteractive
+    SUDO=""
+    [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+    $SUDO apt-get update -qq
+    echo "wireshark-common wireshark-common/install-setuid boolean false" | $SUDO debconf-set-selections
+    $SUDO apt-get install -y -qq tshark >/dev/null
+fi

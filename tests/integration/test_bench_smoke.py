@@ -1,0 +1,93 @@
+"""``gpucache bench`` with tiny settings: a spawned target, the raw-TCP bound, a table, JSON.
+
+Behaviour only: the rows, columns and numbers are there and make sense; no figure is judged.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+
+from nvmeof.cli import main
+
+SIZES = {"4KiB": 4096, "64KiB": 65536}
+INFLIGHT = (1, 4)
+HEADER = [
+    "op", "size", "inflight", "ops", "ops/s", "GB/s",
+    "p50 ms", "p99 ms", "raw GB/s", "raw p50 ms", "vs raw",
+]  # fmt: skip
+
+
+def _table_rows(out: str) -> list[list[str]]:
+    lines = out.splitlines()
+    start = next(
+        i for i, line in enumerate(lines) if line.split()[:3] == ["op", "size", "inflight"]
+    )
+    assert set(lines[start + 1].replace(" ", "")) == {"-"}
+    rows = []
+    for line in lines[start + 2 :]:
+        if not line.strip():
+            break
+        rows.append(line.split())
+    return rows
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_bench_prints_a_row_per_cell_with_a_ratio_to_raw_tcp(
+    backend: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    json_path = tmp_path / "bench.json"
+    argv = ["--backend", backend, "bench", "--sizes", ",".join(SIZES)]
+    argv += ["--inflight", ",".join(map(str, INFLIGHT)), "--seconds", "0.2"]
+    argv += ["--raw-seconds", "0.05", "--max-ops", "300", "--queues", "2"]
+    argv += ["--json", str(json_path)]
+    rc = main(argv)
+    out = capsys.readouterr().out
+    assert rc == 0, out
+
+    header_line = next(line for line in out.splitlines() if line.startswith("op "))
+    assert re.split(r"\s{2,}", header_line.strip()) == HEADER
+
+    rows = _table_rows(out)
+    expected = [(op, size, str(n)) for size in SIZES for op in ("put", "get") for n in INFLIGHT]
+    assert [tuple(r[:3]) for r in rows] == expected
+    for row in rows:
+        assert len(row) == len(HEADER), row
+        ops = int(row[3])
+        assert 1 <= ops <= 300
+        ops_s, gbps, p50, p99, raw_gbps, raw_p50 = map(float, row[4:10])
+        for v in (ops_s, gbps, p50, p99, raw_gbps, raw_p50):
+            assert math.isfinite(v)
+            assert v > 0
+        assert p50 <= p99
+        assert row[10].endswith("x")
+        assert float(row[10][:-1]) == pytest.approx(gbps / raw_gbps, rel=0.05, abs=0.01)
+
+    data = json.loads(json_path.read_text())
+    assert data["backend"] == backend
+    cells = data["cells"]
+    assert [(c["op"], c["size_label"], str(c["inflight"])) for c in cells] == expected
+    for c in cells:
+        assert c["size"] == SIZES[c["size_label"]]
+        assert c["kv"]["ops"] >= c["inflight"]  # every worker ran at least one command
+        assert c["raw_tcp"]["ops"] >= c["inflight"]
+        assert c["ratio_to_raw"] == pytest.approx(c["kv"]["gb_per_s"] / c["raw_tcp"]["gb_per_s"])
+
+
+def test_bench_without_raw_bound_leaves_the_ratio_empty(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["bench", "--sizes", "4KiB", "--inflight", "2", "--max-ops", "20", "--seconds", "5"]
+    rc = main([*argv, "--no-raw"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    rows = _table_rows(out)
+    assert [r[:4] for r in rows] == [["put", "4KiB", "2", "20"], ["get", "4KiB", "2", "20"]]
+    for row in rows:
+        assert row[8:] == ["-", "-", "-"]
+
+
+def test_bench_rejects_bad_options(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "--inflight", "0"]) == 2
