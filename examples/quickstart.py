@@ -20,12 +20,15 @@ async def main(address: str) -> None:
         start = time.perf_counter()
         await kv.put("llama/layer-0/chunk-0", chunk)
         back = await kv.get("llama/layer-0/chunk-0")
-        assert isinstance(back, torch.Tensor) and torch.equal(back, chunk)
+        assert isinstance(back, torch.Tensor)
+        assert torch.equal(back, chunk)
         out = torch.empty_like(chunk)
         await kv.get("llama/layer-0/chunk-0", out=out)  # lands in `out`, no copy
         assert torch.equal(out, chunk)
-        print(f"tensor {tuple(chunk.shape)} {chunk.dtype}: put+get+get(out=) ok "
-              f"in {1000 * (time.perf_counter() - start):.1f} ms")
+        print(
+            f"tensor {tuple(chunk.shape)} {chunk.dtype}: put+get+get(out=) ok "
+            f"in {1000 * (time.perf_counter() - start):.1f} ms"
+        )
 
         items = [(f"doc-{i}", f"value {i}".encode() * 100) for i in range(256)]
         await kv.put_many(items)

@@ -9,6 +9,7 @@ which travels as its 16-byte BLAKE2b hash, is compared in full on read: a hash c
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Iterable, Sequence
@@ -22,8 +23,8 @@ from kvext.spec import (
     KV_CSI,
     KvStatus,
     StoreOption,
-    delete_command,
     decode_key_list,
+    delete_command,
     exist_command,
     kv_status,
     list_command,
@@ -149,8 +150,8 @@ class KVClient:
         header = self._parse(key, whole)
         if header.payload_len != len(dest):
             raise ValueError(
-                f"value of {key!r} is {header.payload_len} bytes ({header.dtype}{list(header.shape)}),"
-                f" out has {len(dest)}"
+                f"value of {key!r} is {header.payload_len} bytes"
+                f" ({header.dtype}{list(header.shape)}), out has {len(dest)}"
             )
         dest[:] = whole[header.length : header.length + header.payload_len]
         return out
@@ -225,11 +226,11 @@ class KVClient:
 
     async def get_many(
         self, keys: Sequence[Key], *, outs: Sequence[object] | None = None
-    ) -> list[Value]:
+    ) -> builtins.list[Value]:
         """Fetch many values at once (into ``outs`` when given), spread over every I/O queue."""
         if outs is not None and len(outs) != len(keys):
             raise ValueError("keys and outs differ in length")
-        results: list[Value] = [None] * len(keys)
+        results: builtins.list[Value] = [None] * len(keys)
 
         async def one(i: int) -> None:
             results[i] = await self.get(keys[i], out=None if outs is None else outs[i])

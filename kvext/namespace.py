@@ -47,7 +47,9 @@ class KeyValueNamespace:
 
     csi = KV_CSI
 
-    def __init__(self, engine: KeyValueEngine, *, name: str = "kv0", ns_uuid: uuid.UUID | None = None):
+    def __init__(
+        self, engine: KeyValueEngine, *, name: str = "kv0", ns_uuid: uuid.UUID | None = None
+    ):
         self.engine = engine
         self.name = name
         self.nsid = 0

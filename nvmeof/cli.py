@@ -70,8 +70,8 @@ async def _run_target(args: argparse.Namespace) -> None:
             args.eviction,
         )
         if args.ready_file:
-            with open(args.ready_file, "w") as f:
-                f.write(" ".join(f"{lst.host}:{lst.port}" for lst in server.listeners) + "\n")
+            addresses = " ".join(f"{lst.host}:{lst.port}" for lst in server.listeners)
+            await anyio.Path(args.ready_file).write_text(addresses + "\n")
 
 
 def cmd_target(args: argparse.Namespace) -> int:
@@ -159,11 +159,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     target = sub.add_parser("target", help="run an NVMe/TCP target with a KV namespace")
     target.add_argument(
-        "-l", "--listen", action="append", help=f"host:port to listen on (default {DEFAULT_ADDRESS})"
+        "-l",
+        "--listen",
+        action="append",
+        help=f"host:port to listen on (default {DEFAULT_ADDRESS})",
     )
     target.add_argument("-n", "--nqn", default=DEFAULT_NQN, help="subsystem NQN")
     target.add_argument("--capacity", default="1GiB", help="DRAM capacity of the KV namespace")
-    target.add_argument("--max-value-size", default="128MiB", help="largest value a Store may carry")
+    target.add_argument(
+        "--max-value-size", default="128MiB", help="largest value a Store may carry"
+    )
     target.add_argument("--eviction", choices=["lru", "fifo", "none"], default="lru")
     target.add_argument(
         "--allow-host", action="append", help="host NQN allowed to connect (default: any host)"

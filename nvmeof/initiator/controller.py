@@ -19,10 +19,19 @@ from nvmeof.initiator.queue import QueuePair
 from nvmeof.spec.admin import keep_alive_command
 from nvmeof.spec.command import Command
 from nvmeof.spec.completion import Completion
-from nvmeof.spec.fabrics import DYNAMIC_CNTLID, ConnectData, connect_command, property_get_command
-from nvmeof.spec.fabrics import property_set_command
-from nvmeof.spec.features import FeatureId, decode_number_of_queues, encode_number_of_queues
-from nvmeof.spec.features import set_features_command
+from nvmeof.spec.fabrics import (
+    DYNAMIC_CNTLID,
+    ConnectData,
+    connect_command,
+    property_get_command,
+    property_set_command,
+)
+from nvmeof.spec.features import (
+    FeatureId,
+    decode_number_of_queues,
+    encode_number_of_queues,
+    set_features_command,
+)
 from nvmeof.spec.identify import (
     Cns,
     IdentifyController,
@@ -170,8 +179,13 @@ class Controller:
             raise
         log.info(
             "[%d] connected to %s at %s:%d: %d I/O queues x %d, namespaces %s",
-            cntlid, options.subnqn, options.host, options.port,
-            len(ctrl.io_queues), options.queue_depth, sorted(ctrl.namespaces),
+            cntlid,
+            options.subnqn,
+            options.host,
+            options.port,
+            len(ctrl.io_queues),
+            options.queue_depth,
+            sorted(ctrl.namespaces),
         )
         return ctrl
 

@@ -90,7 +90,11 @@ class QueuePair:
         except TimeoutError:
             self.log.warning(
                 "[%d/%d] cid %d opcode 0x%02x timed out after %ss",
-                self.cntlid, self.qid, cid, command.opcode, timeout,
+                self.cntlid,
+                self.qid,
+                cid,
+                command.opcode,
+                timeout,
             )
             raise CommandTimeout(
                 f"opcode 0x{command.opcode:02x} on queue {self.qid} timed out after {timeout}s"

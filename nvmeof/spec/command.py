@@ -62,7 +62,7 @@ class Command:
     cdw2: int = 0
     cdw3: int = 0
     mptr: int = 0
-    dptr: SglDescriptor = SglDescriptor()
+    dptr: SglDescriptor = SglDescriptor()  # noqa: RUF009 -- frozen value, safe to share
     cdw10: int = 0
     cdw11: int = 0
     cdw12: int = 0

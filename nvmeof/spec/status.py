@@ -6,6 +6,7 @@ live in ``kvext.spec`` (they are generic codes in the I/O-command-set range, as 
 
 from __future__ import annotations
 
+import contextlib
 import enum
 
 import attrs
@@ -122,10 +123,8 @@ class Status:
             table = FabricsStatus if self.sc >= 0x80 else CommandSpecificStatus
         name = f"0x{self.sc:02x}"
         if table is not None:
-            try:
+            with contextlib.suppress(ValueError):
                 name = table(self.sc).name
-            except ValueError:
-                pass
         text = f"sct={self.sct} sc={name}"
         return text + (" dnr" if self.dnr else "")
 

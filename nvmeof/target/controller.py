@@ -35,6 +35,7 @@ from nvmeof.spec.identify import (
     pack_namespace_list,
 )
 from nvmeof.spec.properties import (
+    VERSION_2_0,
     CommandSetSelection,
     ControllerCapabilities,
     ControllerConfiguration,
@@ -42,7 +43,6 @@ from nvmeof.spec.properties import (
     PropertyOffset,
     ShutdownNotification,
     ShutdownStatus,
-    VERSION_2_0,
 )
 from nvmeof.spec.status import CommandSpecificStatus, GenericStatus, Status
 from nvmeof.target.namespace import CommandResult
@@ -227,7 +227,9 @@ class Controller:
         if cns == Cns.ACTIVE_NAMESPACES:
             if params.nsid >= 0xFFFFFFFE:
                 raise _invalid_namespace(params.nsid)
-            return pack_namespace_list(n for n in sorted(self.subsystem.namespaces) if n > params.nsid)
+            return pack_namespace_list(
+                n for n in sorted(self.subsystem.namespaces) if n > params.nsid
+            )
         if cns == Cns.CSI_ACTIVE_NAMESPACES:
             if params.nsid >= 0xFFFFFFFE:
                 raise _invalid_namespace(params.nsid)

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 
 from nvmeof.errors import CommandError, ConnectionLost
 from nvmeof.spec.command import AdminOpcode, Command
@@ -178,7 +179,7 @@ class QueueSession:
         raise _invalid_opcode(f"fabrics command type 0x{fctype:02x}")
 
     async def _close_after_completion(self) -> None:
-        await anyio.sleep(0)
+        await anyio.lowlevel.checkpoint()
         await self.channel.aclose()
 
     async def _connect(self, request: Request) -> CommandResult:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Sequence
 
@@ -13,6 +14,7 @@ from nvmeof.spec.completion import Completion
 from nvmeof.spec.sgl import SglDescriptor, SglIdentifier
 from nvmeof.spec.status import GenericStatus, Status
 from nvmeof.tcp.connection import (
+    CommandReceived,
     ConnectionClosed,
     ControllerConnection,
     DataDigestError,
@@ -91,7 +93,9 @@ class TcpHostChannel:
             total = sum(len(b) for b in out)
             in_capsule = total <= self.max_in_capsule_data
             ident = (
-                SglIdentifier.DATA_BLOCK_OFFSET if in_capsule else SglIdentifier.TRANSPORT_DATA_BLOCK
+                SglIdentifier.DATA_BLOCK_OFFSET
+                if in_capsule
+                else SglIdentifier.TRANSPORT_DATA_BLOCK
             )
             command.with_dptr(SglDescriptor(0, total, 0, ident)).pack_into(sqe)
             if in_capsule:
@@ -155,10 +159,8 @@ class TcpHostChannel:
 
     async def _send_quietly(self) -> None:
         with anyio.move_on_after(1):
-            try:
+            with contextlib.suppress(ConnectionLost):
                 await self._sender.flush()
-            except ConnectionLost:
-                pass
 
     async def _fail(self, reason: str) -> None:
         self._lost = ConnectionLost(f"queue to {self.peer}: {reason}")
@@ -239,15 +241,13 @@ class TcpControllerChannel:
                     await self._sender.flush()
                 elif isinstance(event, (TermReqReceived, ConnectionClosed)):
                     return
-                else:
+                elif isinstance(event, CommandReceived):
                     on_request(Request(Command.unpack_from(event.sqe), event.data))
         except PduError as exc:
             log.warning("[%s] terminating connection: %s", self.peer, exc)
             with anyio.move_on_after(1):
-                try:
+                with contextlib.suppress(ConnectionLost):
                     await self._sender.flush()
-                except ConnectionLost:
-                    pass
         except ConnectionLost as exc:
             log.info("[%s] %s", self.peer, exc)
         finally:
