@@ -55,7 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--raw-seconds",
         type=float,
         default=None,
-        help="time budget per raw-TCP cell (default: a quarter of --seconds)",
+        help="time budget per raw-TCP cell (default: half of --seconds)",
     )
     parser.add_argument(
         "--max-bytes", default="2GiB", help="stop a cell after this much data (default 2GiB)"
@@ -373,7 +373,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         raise ValueError("--seconds must be positive")
     if args.queues < 1 or args.max_ops < 1:
         raise ValueError("--queues and --max-ops must be at least 1")
-    raw_seconds = args.raw_seconds if args.raw_seconds is not None else args.seconds / 4
+    raw_seconds = args.raw_seconds if args.raw_seconds is not None else args.seconds / 2
     return Settings(
         sizes=_size_list(args.sizes),
         inflight=_int_list(args.inflight, "--inflight"),

@@ -8,6 +8,8 @@ an operation that raises leaves the engine exactly as it was.
 from __future__ import annotations
 
 import bisect
+import sys
+import weakref
 from collections import OrderedDict
 
 from kvext.engine.base import (
@@ -19,6 +21,7 @@ from kvext.engine.base import (
     KeyPresent,
     ValueTooLarge,
 )
+from kvext.engine.buffers import MIN_POOLED, BufferPool, size_class
 from kvext.engine.eviction import EvictionPolicy, policy_named
 
 # Accounted per entry on top of key and value bytes, so a flood of tiny values is still bounded:
@@ -34,7 +37,13 @@ def entry_cost(key: bytes, value_length: int) -> int:
 class MemoryEngine:
     """A ``KeyValueEngine`` holding values in process memory, evicting per ``policy``."""
 
-    def __init__(self, limits: EngineLimits, policy: str | EvictionPolicy = "lru") -> None:
+    def __init__(
+        self,
+        limits: EngineLimits,
+        policy: str | EvictionPolicy = "lru",
+        *,
+        pool_bytes: int | None = None,
+    ) -> None:
         self._limits = limits
         self._policy = policy if isinstance(policy, EvictionPolicy) else policy_named(policy)
         self._entries: OrderedDict[bytes, memoryview] = OrderedDict()  # oldest first
@@ -43,6 +52,13 @@ class MemoryEngine:
         # Sorted keys for list_keys, rebuilt lazily: the key set changes on the hot path far more
         # often than anyone lists it.
         self._sorted: list[bytes] | None = None
+        # Large values live in pooled buffers (``kvext.engine.buffers``). The pool sits outside
+        # ``capacity_bytes``: by default an eighth of it, at most 1 GiB.
+        self.pool = BufferPool(
+            min(limits.capacity_bytes // 8, 1 << 30) if pool_bytes is None else pool_bytes
+        )
+        self._lent: weakref.WeakValueDictionary[int, memoryview] = weakref.WeakValueDictionary()
+        self._pooled: dict[bytes, bytearray] = {}
 
     @property
     def limits(self) -> EngineLimits:
@@ -73,7 +89,12 @@ class MemoryEngine:
             raise ValueTooLarge(
                 f"value of {size} bytes exceeds the maximum of {self._limits.max_value_length}"
             )
-        return memoryview(bytearray(size))
+        if size <= MIN_POOLED:
+            return memoryview(bytearray(size))
+        buf = self.pool.take(size)
+        view = memoryview(buf)[:size]
+        self._lent[id(buf)] = view  # so store() knows this view is a whole pooled buffer's prefix
+        return view
 
     def store(
         self,
@@ -111,12 +132,24 @@ class MemoryEngine:
             self._used -= entry_cost(key, old.nbytes)
         else:
             self._sorted = None
+        replaced = self._pooled.pop(key, None)
+        pooled = self._adopt(value)
+        if pooled is not None:
+            # The entry keeps a view of its own, so the views that readers get are the only other
+            # references to the buffer; _remove() recycles it once none is left.
+            self._pooled[key] = pooled
+            value = memoryview(pooled)[:size]
         # Assigning keeps an existing key's position; the policy decides whether it moves.
         self._entries[key] = value
         if old is not None and self._policy.refresh_on_store:
             self._entries.move_to_end(key)
         self._used += cost
         self._stats.stores += 1
+        if replaced is not None:
+            assert old is not None
+            old.release()
+            del old
+            self._recycle(replaced)
 
     def retrieve(self, key: bytes) -> memoryview:
         self._stats.retrieves += 1
@@ -127,6 +160,10 @@ class MemoryEngine:
         self._stats.hits += 1
         if self._policy.refresh_on_retrieve:
             self._entries.move_to_end(key)
+        pooled = self._pooled.get(key)
+        if pooled is not None:
+            # A view of its own (not shared with the entry's), so it counts as a reference.
+            value = memoryview(pooled)[: value.nbytes]
         # Read-only so no reader can change what later readers see.
         return value.toreadonly()
 
@@ -194,3 +231,22 @@ class MemoryEngine:
         if evicted:
             self._stats.evictions += 1
             self._stats.evicted_bytes += cost
+        pooled = self._pooled.pop(key, None)
+        if pooled is not None:
+            value.release()
+            del value
+            self._recycle(pooled)
+
+    def _adopt(self, value: memoryview) -> bytearray | None:
+        """The pooled buffer behind ``value`` if ``value`` is one that allocate() lent out."""
+        obj = value.obj
+        if not isinstance(obj, bytearray) or self._lent.get(id(obj)) is not value:
+            return None
+        del self._lent[id(obj)]
+        return obj if len(obj) == size_class(value.nbytes) else None
+
+    def _recycle(self, buf: bytearray) -> None:
+        # References now: the caller's variable, this parameter and getrefcount's argument. Any
+        # more is a reader's view (a Retrieve still sending): then the buffer is left to the GC.
+        if sys.getrefcount(buf) <= 3:
+            self.pool.give(buf)

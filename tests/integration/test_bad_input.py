@@ -109,6 +109,7 @@ class RawQueue:
         self.sock = sock
         self.hd = False
         self.dd = False
+        self.maxh2cdata = 0
         self._cids = itertools.count(0x40)
 
     @classmethod
@@ -220,6 +221,7 @@ class RawQueue:
         assert resp.maxh2cdata >= 4096
         assert resp.maxh2cdata % 4 == 0
         self.hd, self.dd = resp.header_digest, resp.data_digest
+        self.maxh2cdata = resp.maxh2cdata
         return resp
 
     def capsule(
@@ -569,6 +571,38 @@ HEADER_CASES = [
         FES(1),
         1,
     ),
+    # PDO of a capsule with data below the header or misaligned: FEI 3
+    _bad_header_case(
+        "capsule_pdo_below_hlen",
+        ch_bytes(PduType.CAPSULE_CMD, 0, 72, 68, 80) + _SQE + bytes(8),
+        FES(1),
+        3,
+    ),
+    _bad_header_case(
+        "capsule_pdo_unaligned",
+        ch_bytes(PduType.CAPSULE_CMD, 0, 72, 74, 82) + _SQE + bytes(10),
+        FES(1),
+        3,
+    ),
+    _bad_header_case(
+        "capsule_ddgstf_without_data",
+        ch_bytes(PduType.CAPSULE_CMD, PduFlags.DDGSTF, 72, 0, 72) + _SQE,
+        FES(1),
+        1,
+    ),
+    # a host termination request with an impossible PLEN
+    _bad_header_case(
+        "h2c_term_req_plen_200",
+        ch_bytes(PduType.H2C_TERM_REQ, 0, 24, 0, 200) + bytes(16),
+        FES(1),
+        4,
+    ),
+    _bad_header_case(
+        "h2c_term_req_plen_20",
+        ch_bytes(PduType.H2C_TERM_REQ, 0, 24, 0, 20) + bytes(16),
+        FES(1),
+        4,
+    ),
     # ICReq fields
     _bad_header_case(
         "icreq_pfv_1",
@@ -678,6 +712,40 @@ async def h2c_wrong_datao(rt: RunningTarget) -> None:
         assert term.data == header[:24]
 
 
+async def h2c_beyond_maxh2cdata(rt: RunningTarget) -> None:
+    async with raw_controller(rt) as (_, io, _cntlid):
+        cmd, ttag, _ = await store_with_r2t(io, b"maxh2c", 4096)
+        datal = io.maxh2cdata + 4
+        header = build_header(
+            H2CDataHeader(cmd.cid, ttag, 0, datal),
+            flags=PduFlags.LAST_PDU,
+            data_length=datal,
+        )
+        await io.send(header, b"q" * 1000)  # the header alone condemns it
+        term = await io.expect_term()
+        assert term.fes == FES.DATA_TRANSFER_LIMIT_EXCEEDED, term
+        assert term.data == bytes(header[:24])
+
+
+async def io_queue_in_capsule_data_beyond_ioccsz(rt: RunningTarget) -> None:
+    async with raw_controller(rt) as (_, io, _cntlid):
+        value = os.urandom(8192 + 4)  # IOCCSZ * 16 - 64 = 8192
+        pdu = io.capsule(io.prepare(store_command(KV_NSID, b"icd", len(value)), value), value)
+        await io.send(pdu)
+        term = await io.expect_term()
+        assert (term.fes, term.fei) == (FES.INVALID_HEADER_FIELD, 4)
+        assert pdu.startswith(term.data)
+
+
+async def host_term_req_closes_quietly(rt: RunningTarget) -> None:
+    async with raw_queue(rt.address) as q:
+        await q.handshake()
+        assert_ok(await q.connect(rt.nqn))
+        offending = q.capsule(q.prepare(keep_alive_command()))
+        await q.send(TermReq(FES.INVALID_HEADER_FIELD, 2).to_bytes(PduType.H2C_TERM_REQ, offending))
+        await q.expect_eof()  # no C2HTermReq in answer to a termination
+
+
 TRANSPORT_SCENARIOS: list[Callable[[RunningTarget], Awaitable[None]]] = [
     capsule_before_icreq,
     h2c_data_before_icreq,
@@ -692,6 +760,9 @@ TRANSPORT_SCENARIOS: list[Callable[[RunningTarget], Awaitable[None]]] = [
     h2c_unknown_cccid_with_r2t_outstanding,
     h2c_wrong_ttag,
     h2c_wrong_datao,
+    h2c_beyond_maxh2cdata,
+    io_queue_in_capsule_data_beyond_ioccsz,
+    host_term_req_closes_quietly,
 ]
 
 
