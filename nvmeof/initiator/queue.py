@@ -84,7 +84,7 @@ class QueuePair:
         finished = False
         try:
             with anyio.fail_after(math.inf if timeout is None else timeout):
-                await self.channel.submit(command.with_cid(cid), out=out, into=into)
+                await self.channel.submit(command, cid=cid, out=out, into=into)
                 completion = await self._wait(waiter)
             finished = True
         except TimeoutError:

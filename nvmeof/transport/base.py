@@ -56,9 +56,15 @@ class HostChannel(Protocol):
     max_in_capsule_data: int
 
     async def submit(
-        self, command: Command, *, out: Sequence[Buffer] = (), into: Sequence[memoryview] = ()
+        self,
+        command: Command,
+        *,
+        cid: int,
+        out: Sequence[Buffer] = (),
+        into: Sequence[memoryview] = (),
     ) -> None:
-        """Send ``command``; ``out`` is its data to the controller, ``into`` where data lands."""
+        """Send ``command`` as ``cid``; ``out`` is its data to the controller, ``into`` where the
+        controller's data lands. The transport fills in the data pointer."""
 
     async def next_completion(self) -> Completion:
         """The next completion on this queue (data for it has landed by then)."""

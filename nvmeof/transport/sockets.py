@@ -62,6 +62,7 @@ class AsyncSocket:
 
     async def send_all(self, buffers: Sequence[Buffer]) -> None:
         views = [memoryview(b).cast("B") for b in buffers if len(b)]
+        started = False
         while views:
             try:
                 sent = self.sock.sendmsg(views[:_IOV_MAX])
@@ -69,12 +70,20 @@ class AsyncSocket:
                 sent = 0
             except OSError as exc:
                 raise ConnectionLost(f"send to {self.peer} failed: {exc}") from exc
+            started = started or sent > 0
             views = _advance(views, sent)
             if views:
                 try:
                     await anyio.wait_writable(self.sock)
                 except (anyio.ClosedResourceError, OSError) as exc:
                     raise ConnectionLost(f"connection to {self.peer} closed") from exc
+                except BaseException:
+                    if started:
+                        # Cancelled with half a PDU on the wire: the stream cannot go on.
+                        self.closed = True
+                        anyio.notify_closing(self.sock)
+                        self.sock.close()
+                    raise
 
     async def aclose(self) -> None:
         if self.closed:

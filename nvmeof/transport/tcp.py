@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import struct
 from collections.abc import Callable, Sequence
 
 import anyio
@@ -32,20 +33,31 @@ log = logging.getLogger("nvmeof.transport.tcp")
 
 ADMIN_IN_CAPSULE_DATA = 8192  # admin queue and fabrics commands, as Linux and SPDK
 DEFAULT_PORT = 4420
+_CID = struct.Struct("<H")
 
 
 class _Sender:
-    """Serialises sends on one socket; whoever holds the lock drains everything queued."""
+    """Serialises sends on one socket: the task sending drains everything queued meanwhile.
+
+    A task that finds another one sending returns at once: its PDUs are already queued in the
+    connection, in order, and the sending task takes them before it stops. (No lock: between the
+    last empty take and clearing the flag there is no await, so nothing can be left behind.)
+    """
 
     def __init__(self, sock: AsyncSocket, take: Callable[[], list[Buffer]]) -> None:
         self._sock = sock
         self._take = take
-        self._lock = anyio.Lock()
+        self._sending = False
 
     async def flush(self) -> None:
-        async with self._lock:
+        if self._sending:
+            return
+        self._sending = True
+        try:
             while buffers := self._take():
                 await self._sock.send_all(buffers)
+        finally:
+            self._sending = False
 
 
 class TcpHostChannel:
@@ -84,11 +96,18 @@ class TcpHostChannel:
         return channel
 
     async def submit(
-        self, command: Command, *, out: Sequence[Buffer] = (), into: Sequence[memoryview] = ()
+        self,
+        command: Command,
+        *,
+        cid: int,
+        out: Sequence[Buffer] = (),
+        into: Sequence[memoryview] = (),
     ) -> None:
         if self._lost is not None:
             raise self._lost
         sqe = bytearray(64)
+        command.pack_into(sqe)
+        _CID.pack_into(sqe, 2, cid)
         if out:
             total = sum(len(b) for b in out)
             in_capsule = total <= self.max_in_capsule_data
@@ -97,14 +116,13 @@ class TcpHostChannel:
                 if in_capsule
                 else SglIdentifier.TRANSPORT_DATA_BLOCK
             )
-            command.with_dptr(SglDescriptor(0, total, 0, ident)).pack_into(sqe)
+            SglDescriptor(0, total, 0, ident).pack_into(sqe, 24)
             if in_capsule:
                 self._conn.send_command(sqe, in_capsule=out)
             else:
                 self._conn.send_command(sqe, write=out)
         else:
-            total = sum(len(v) for v in into)
-            command.with_dptr(SglDescriptor(0, total)).pack_into(sqe)
+            SglDescriptor(0, sum(len(v) for v in into)).pack_into(sqe, 24)
             self._conn.send_command(sqe, read_into=into)
         await self._flush()
 

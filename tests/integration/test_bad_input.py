@@ -351,9 +351,9 @@ async def raw_queue(address: tuple[str, int]) -> AsyncIterator[RawQueue]:
 
 @contextlib.asynccontextmanager
 async def raw_controller(
-    rt: RunningTarget, *, hd: bool = False, dd: bool = False
+    rt: RunningTarget, *, hd: bool = False, dd: bool = False, granted: int = 1
 ) -> AsyncIterator[tuple[RawQueue, RawQueue, int]]:
-    """(admin queue, I/O queue 1, cntlid): connected, enabled, one I/O queue granted."""
+    """(admin queue, I/O queue 1, cntlid): connected, enabled, ``granted`` I/O queues."""
     async with raw_queue(rt.address) as admin, raw_queue(rt.address) as io:
         await admin.handshake(hd=hd, dd=dd)
         completion = await admin.connect(rt.nqn)
@@ -362,8 +362,10 @@ async def raw_controller(
         assert_ok(await admin.execute(property_set_command(PropertyOffset.CC, ENABLE_CC)))
         csts = await admin.execute(property_get_command(PropertyOffset.CSTS))
         assert csts.dw0 & 1, "CSTS.RDY after enable"
-        queues = encode_number_of_queues(0, 0)
-        assert_ok(await admin.execute(set_features_command(FeatureId.NUMBER_OF_QUEUES, queues)))
+        queues = encode_number_of_queues(granted - 1, granted - 1)
+        answer = await admin.execute(set_features_command(FeatureId.NUMBER_OF_QUEUES, queues))
+        assert_ok(answer)
+        assert answer.dw0 == queues
         await io.handshake(hd=hd, dd=dd)
         assert_ok(await io.connect(rt.nqn, qid=1, cntlid=cntlid))
         yield admin, io, cntlid
@@ -1041,6 +1043,40 @@ async def test_store_with_bad_key_length_requests_no_data() -> None:
         assert_status(completion, SCT_GENERIC, KvStatus.INVALID_KEY_SIZE)
 
 
+CID_CONFLICT_BUG = (
+    "A second command reusing the CID of a Store waiting for its H2CData hijacks the transfer: "
+    "TcpControllerChannel.pull (nvmeof/transport/tcp.py) stores _pulls[cid] before "
+    "ControllerConnection.request_data raises ProtocolError, so the first Store's data completes "
+    "the dead pull and the first Store never completes; the second gets INTERNAL ERROR (0x06) "
+    "and a logged traceback instead of 0x03 Command ID Conflict"
+)
+
+
+@pytest.mark.xfail(strict=True, reason=CID_CONFLICT_BUG)
+async def test_cid_reused_while_its_data_is_outstanding() -> None:
+    async with harness() as h, raw_controller(h.rt) as (_, io, _cntlid):
+        first = store_command(KV_NSID, b"cid-first", 4096, cid=77)
+        await io.send(io.capsule(first))
+        pdu = await io.recv_pdu()
+        assert pdu.type == PduType.R2T
+        _, ttag, _, _ = struct.unpack_from("<HHII", pdu.raw, 8)
+        # a buggy host reuses CID 77 while the first Store still waits for its data
+        await io.send(io.capsule(store_command(KV_NSID, b"cid-second", 4096, cid=77)))
+        conflict, _ = await io.response(77)
+        assert not conflict.status.success  # 0x03 Command ID Conflict would be the best answer
+        # the first Store still gets its data and completes
+        value = os.urandom(4096)
+        _, h2c = io.h2c_data(77, ttag, 0, value)
+        await io.send(h2c)
+        with anyio.fail_after(2):  # generous: it completes in milliseconds when it does
+            done, _ = await io.response(77)
+        assert_ok(done)
+        sent = await io.submit(retrieve_command(KV_NSID, b"cid-first", 4096))
+        completion, data = await io.response(sent.cid)
+        assert_ok(completion)
+        assert data == value
+
+
 async def test_retrieve_and_exist_of_missing_key() -> None:
     async with harness() as h, raw_controller(h.rt) as (_, io, _cntlid):
         completion = await io.execute(retrieve_command(KV_NSID, b"missing", 4096))
@@ -1114,15 +1150,17 @@ async def test_io_connect_with_unknown_cntlid() -> None:
 @pytest.mark.parametrize(
     ("fields", "dw0"),
     [
-        ({"qid": 2}, 42),  # only one I/O queue was granted: QID is SQE byte 42
-        ({"qid": 1, "sqsize": 0}, 44),  # SQSIZE 0 is invalid: SQE byte 44
+        ({"qid": 3}, 42),  # two I/O queues were granted: QID is SQE byte 42
+        ({"qid": 2, "sqsize": 0}, 44),  # SQSIZE 0 is invalid: SQE byte 44
         ({"qid": 0, "sqsize": 0}, 44),
+        ({"qid": 2, "sqsize": 1024}, 44),  # beyond CAP.MQES (1023)
+        ({"qid": 0, "sqsize": 0x1000}, 44),
     ],
 )
 async def test_connect_invalid_sqe_fields(fields: dict[str, int], dw0: int) -> None:
     async with (
         harness() as h,
-        raw_controller(h.rt) as (_, _io, cntlid),
+        raw_controller(h.rt, granted=2) as (_, _io, cntlid),
         raw_queue(h.rt.address) as q,
     ):
         await q.handshake()
@@ -1130,6 +1168,42 @@ async def test_connect_invalid_sqe_fields(fields: dict[str, int], dw0: int) -> N
         completion = await q.connect(h.rt.nqn, cntlid=cntl, **fields)
         assert_status(completion, SCT_SPECIFIC, FabricsStatus.CONNECT_INVALID_PARAMETERS)
         assert completion.dw0 == dw0  # IATTR 0: the offset is in the SQE
+
+
+@pytest.mark.parametrize(
+    ("case", "offset"),
+    [
+        ("admin_cntlid_not_ffff", 16),
+        ("subnqn_empty", 256),
+        ("subnqn_not_terminated", 256),
+        ("hostnqn_empty", 512),
+        ("hostnqn_not_terminated", 512),
+    ],
+)
+async def test_connect_invalid_data_fields(case: str, offset: int) -> None:
+    async with harness() as h, raw_queue(h.rt.address) as q:
+        await q.handshake()
+        data = bytearray(ConnectData(HOSTID, DYNAMIC_CNTLID, h.rt.nqn, HOSTNQN).pack())
+        if case == "admin_cntlid_not_ffff":
+            data[16:18] = struct.pack("<H", 1)
+        elif case.endswith("_empty"):
+            data[offset : offset + 256] = bytes(256)
+        else:
+            data[offset : offset + 256] = b"n" * 256
+        completion = await q.execute(connect_command(qid=0, sqsize=31), bytes(data))
+        assert_status(completion, SCT_SPECIFIC, FabricsStatus.CONNECT_INVALID_PARAMETERS)
+        assert completion.dw0 == (1 << 16) | offset  # IATTR: the bad field is in the data
+
+
+async def test_connect_record_format() -> None:
+    async with harness() as h, raw_queue(h.rt.address) as q:
+        await q.handshake()
+        data = ConnectData(HOSTID, DYNAMIC_CNTLID, h.rt.nqn, HOSTNQN).pack()
+        cmd = connect_command(qid=0, sqsize=31)
+        cmd = attrs.evolve(cmd, cdw10=cmd.cdw10 | 1)  # RECFMT 1
+        completion = await q.execute(cmd, data)
+        assert_status(completion, SCT_SPECIFIC, FabricsStatus.INCOMPATIBLE_FORMAT)
+        assert completion.status.dnr
 
 
 async def test_connect_io_queue_twice() -> None:
