@@ -7,6 +7,8 @@ scripts/setup.sh --with-tshark
 echo "== ruff"
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
+echo "== import-linter (imports point downward)"
+.venv/bin/lint-imports --no-cache >/dev/null && echo "contracts kept" || { .venv/bin/lint-imports --no-cache; exit 1; }
 echo "== mypy --strict"
 .venv/bin/mypy
 echo "== pytest"
