@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import sys
 from collections.abc import Sequence
@@ -58,10 +59,10 @@ async def _run_target(args: argparse.Namespace) -> None:
 
     target = build_target(args)
     server = TargetServer(target, allow_digests=not args.no_digests)
+    listeners = [server.listen(*parse_address(a)) for a in args.listen or [DEFAULT_ADDRESS]]
     async with anyio.create_task_group() as tg:
-        for address in args.listen or [DEFAULT_ADDRESS]:
-            host, port = parse_address(address)
-            await tg.start(server.serve, host, port)
+        for listener in listeners:
+            await tg.start(functools.partial(server.serve_listener, listener))
         log.info(
             "serving %s: KV namespace 1, capacity %s, max value %s, eviction %s",
             args.nqn,

@@ -107,6 +107,12 @@ class QueuePair:
                 # and drop its buffers now, since the caller takes them back.
                 waiter.abandoned = True
                 self.channel.forget(cid)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "[%d/%d] cid %d opcode 0x%02x nsid %d -> %s dw0 0x%x",
+                self.cntlid, self.qid, cid, command.opcode, command.nsid,
+                completion.status, completion.dw0,
+            )  # fmt: skip
         if check and not completion.status.success:
             raise NvmeError(completion.status, f"opcode 0x{command.opcode:02x}")
         return completion

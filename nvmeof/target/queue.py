@@ -109,9 +109,8 @@ class QueueSession:
             completion = self._completion(cmd.cid, Status(), result.dw0, result.dw1)
             data = _trim(result.data, cmd.dptr.length)
         except CommandError as exc:
-            self.log.debug(
-                "%s cid %d opcode 0x%02x failed: %s", self._tag(), cmd.cid, cmd.opcode, exc
-            )
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("%s cid %d opcode 0x%02x: %s", self._tag(), cmd.cid, cmd.opcode, exc)
             completion = self._completion(cmd.cid, exc.status, exc.dw0, 0)
         except ConnectionLost:
             return
@@ -120,6 +119,12 @@ class QueueSession:
             completion = self._completion(
                 cmd.cid, Status.generic(GenericStatus.INTERNAL_ERROR), 0, 0
             )
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "%s cid %d opcode 0x%02x nsid %d -> %s dw0 0x%x, %d data bytes",
+                self._tag(), cmd.cid, cmd.opcode, cmd.nsid, completion.status,
+                completion.dw0, sum(len(b) for b in data),
+            )  # fmt: skip
         await self.channel.complete(request, completion, data)
 
     def _completion(self, cid: int, status: Status, dw0: int, dw1: int) -> Completion:

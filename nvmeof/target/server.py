@@ -35,7 +35,18 @@ class TargetServer:
         *,
         task_status: anyio.abc.TaskStatus[tuple[str, int]] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
-        listener = TcpListener(host, port)
+        await self.serve_listener(self.listen(host, port), task_status=task_status)
+
+    def listen(self, host: str = "127.0.0.1", port: int = 4420) -> TcpListener:
+        """Bind now, so a busy port fails here and plainly; then ``serve_listener`` it."""
+        return TcpListener(host, port)
+
+    async def serve_listener(
+        self,
+        listener: TcpListener,
+        *,
+        task_status: anyio.abc.TaskStatus[tuple[str, int]] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
         self.listeners.append(listener)
         log.info("listening on %s:%d (NVMe/TCP)", listener.host, listener.port)
         try:
