@@ -19,9 +19,11 @@ DEFAULT_ADDRESS = "127.0.0.1:4420"
 log = logging.getLogger("gpucache")
 
 
-def _setup_logging(verbose: bool) -> None:
+def _setup_logging(verbose: bool, *, client: bool) -> None:
+    # The target logs its lifecycle; one-shot client commands only warnings, unless --verbose.
+    quiet = logging.WARNING if client else logging.INFO
     logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
+        level=logging.DEBUG if verbose else quiet,
         format="%(asctime)s %(levelname).1s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
         stream=sys.stderr,
@@ -208,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    _setup_logging(args.verbose)
+    _setup_logging(args.verbose, client=args.command in ("put", "get", "exists", "delete", "list"))
     return int(args.func(args))
 
 

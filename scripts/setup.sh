@@ -8,9 +8,15 @@ PYTHON=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
 fi
-.venv/bin/python -m pip install --quiet --upgrade pip
+pip_install() {
+    if ! .venv/bin/python -m pip install --quiet --disable-pip-version-check "$@" >.venv/pip.log 2>&1; then
+        cat .venv/pip.log
+        exit 1
+    fi
+}
+pip_install --upgrade pip
 # torch is pinned: this exact CPU build is what the machines here install without a multi-GB download.
-.venv/bin/python -m pip install --quiet -e '.[dev]' 'torch==2.13.0'
+pip_install -e '.[dev]' 'torch==2.13.0'
 
 if [ "${1:-}" = "--with-tshark" ] && ! command -v tshark >/dev/null 2>&1; then
     export DEBIAN_FRONTEND=noninteractive
