@@ -23,6 +23,16 @@ class NamespaceExists(ValueError):
     pass
 
 
+@attrs.frozen
+class ListenAddress:
+    """A transport address a subsystem may be reached at (SPDK's listen_address)."""
+
+    traddr: str
+    trsvcid: str
+    trtype: str = "TCP"
+    adrfam: str = "IPv4"
+
+
 @attrs.define(eq=False)
 class Subsystem:
     nqn: str
@@ -33,6 +43,8 @@ class Subsystem:
     max_namespaces: int = 32
     namespaces: dict[int, Namespace] = attrs.Factory(dict)
     controllers: dict[int, Controller] = attrs.Factory(dict)
+    # Empty: reachable on every listener of the target (the CLI's single-subsystem default).
+    listeners: list[ListenAddress] = attrs.Factory(list)
 
     def host_allowed(self, hostnqn: str) -> bool:
         return self.allow_any_host or hostnqn in self.hosts

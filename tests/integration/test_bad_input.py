@@ -882,7 +882,7 @@ async def test_truncated_pdu_then_close(case: str) -> None:
             assert rt.target is not None
             controllers = rt.target.subsystems[rt.nqn].controllers
             await eventually(lambda: cntlid not in controllers)
-        # give the target a moment to notice, while the neighbour keeps working
+        # the target shrugged the truncated connection off: the neighbour still works
         await h.client.put(b"truncation-probe", b"ok")
         assert await h.client.get(b"truncation-probe") == b"ok"
 

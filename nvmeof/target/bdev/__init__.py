@@ -1,0 +1,1 @@
+"""Backing devices ("bdevs", in SPDK's word) that namespaces are made from."""
