@@ -39,10 +39,10 @@ def build_target(args: argparse.Namespace) -> Any:
     from kvext.engine.base import EngineLimits
     from kvext.engine.memory import MemoryEngine
     from kvext.namespace import KeyValueNamespace
-    from nvmeof.target.subsystem import Subsystem, Target, TargetLimits
+    from nvmeof.target.subsystem import Subsystem, Target, TargetLimits, transfer_size_for
 
     max_value = parse_size(args.max_value_size)
-    target = Target(TargetLimits(max_transfer_size=max(max_value + 4096, 1 << 20)))
+    target = Target(TargetLimits(max_transfer_size=transfer_size_for(max_value)))
     subsystem = Subsystem(
         nqn=args.nqn, allow_any_host=not args.allow_host, hosts=set(args.allow_host or ())
     )

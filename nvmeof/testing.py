@@ -15,7 +15,7 @@ import anyio
 import attrs
 
 from nvmeof.target.server import TargetServer
-from nvmeof.target.subsystem import Subsystem, Target, TargetLimits
+from nvmeof.target.subsystem import Subsystem, Target, TargetLimits, transfer_size_for
 
 TEST_NQN = "nqn.2024-01.io.gpucache:test"
 
@@ -46,7 +46,7 @@ def make_kv_target(
     from kvext.engine.memory import MemoryEngine
     from kvext.namespace import KeyValueNamespace
 
-    target = Target(limits or TargetLimits(max_transfer_size=max(max_value_length + 4096, 1 << 20)))
+    target = Target(limits or TargetLimits(max_transfer_size=transfer_size_for(max_value_length)))
     subsystem = Subsystem(nqn=nqn, allow_any_host=not hosts, hosts=set(hosts))
     engine = MemoryEngine(
         EngineLimits(capacity_bytes=capacity, max_value_length=max_value_length), policy=eviction

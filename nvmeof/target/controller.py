@@ -199,7 +199,7 @@ class Controller:
             self.keep_alive(now)
             return CommandResult()
         if opcode == AdminOpcode.SET_FEATURES:
-            return CommandResult(dw0=self.set_feature(FeatureParameters.from_command(cmd)))
+            return CommandResult(dw0=self.set_feature(FeatureParameters.from_command(cmd), now))
         if opcode == AdminOpcode.GET_FEATURES:
             return CommandResult(dw0=self.get_feature(FeatureParameters.from_command(cmd)))
         if opcode == AdminOpcode.GET_LOG_PAGE:
@@ -318,7 +318,7 @@ class Controller:
             ofcs=1,
         )
 
-    def set_feature(self, params: FeatureParameters) -> int:
+    def set_feature(self, params: FeatureParameters, now: float) -> int:
         fid = params.fid
         if params.save:
             raise CommandError(Status.command_specific(CommandSpecificStatus.FEATURE_NOT_SAVEABLE))
@@ -332,6 +332,7 @@ class Controller:
             return encode_number_of_queues(granted, granted)
         if fid == FeatureId.KEEP_ALIVE_TIMER:
             self.kato_ms = params.cdw11
+            self._last_keep_alive = now  # a new KATO starts a new period, as nvmet does
             return 0
         if fid == FeatureId.ASYNC_EVENT_CONFIGURATION:
             self.async_event_config = params.cdw11

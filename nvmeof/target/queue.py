@@ -79,10 +79,20 @@ class QueueSession:
         self.sq_flow_control_disabled = False
         self._sqhd = 0
         self._slots: anyio.Semaphore | None = None
+        self._active: set[int] = set()
         self.log: logging.LoggerAdapter[logging.Logger] = logging.LoggerAdapter(log, {})
 
     # --- transport callbacks -----------------------------------------------------------------
     def on_request(self, request: Request) -> None:
+        cid = request.command.cid
+        if cid in self._active:
+            # Refuse before touching any state of the command already running with this CID.
+            status = Status.generic(GenericStatus.CID_CONFLICT)
+            self.log.warning("%s cid %d reused while in flight", self._tag(), cid)
+            completion = self._completion(cid, status, 0, 0)
+            self.task_group.start_soon(self.channel.complete, request, completion)
+            return
+        self._active.add(cid)
         self.task_group.start_soon(self.serve, request)
 
     def on_digest_error(self, cid: int) -> None:
@@ -93,11 +103,14 @@ class QueueSession:
         self.task_group.start_soon(self.channel.complete, request, completion)
 
     async def serve(self, request: Request) -> None:
-        if self._slots is None:
-            await self._serve_one(request)
-            return
-        async with self._slots:
-            await self._serve_one(request)
+        try:
+            if self._slots is None:
+                await self._serve_one(request)
+                return
+            async with self._slots:
+                await self._serve_one(request)
+        finally:
+            self._active.discard(request.command.cid)
 
     async def _serve_one(self, request: Request) -> None:
         cmd = request.command

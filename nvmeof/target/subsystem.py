@@ -68,6 +68,15 @@ class Subsystem:
         return self.namespaces.pop(nsid)
 
 
+def transfer_size_for(max_value_length: int) -> int:
+    """The smallest MDTS-expressible transfer size (2^n x 4 KiB) that carries the largest value
+    with room for a client header, so KV Value Max Length never exceeds the transfer limit."""
+    size = 4096
+    while size < max_value_length + 4096 or size < 1 << 20:
+        size *= 2
+    return size
+
+
 @attrs.frozen
 class TargetLimits:
     """What every controller of this target advertises."""

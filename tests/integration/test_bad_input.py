@@ -1043,16 +1043,6 @@ async def test_store_with_bad_key_length_requests_no_data() -> None:
         assert_status(completion, SCT_GENERIC, KvStatus.INVALID_KEY_SIZE)
 
 
-CID_CONFLICT_BUG = (
-    "A second command reusing the CID of a Store waiting for its H2CData hijacks the transfer: "
-    "TcpControllerChannel.pull (nvmeof/transport/tcp.py) stores _pulls[cid] before "
-    "ControllerConnection.request_data raises ProtocolError, so the first Store's data completes "
-    "the dead pull and the first Store never completes; the second gets INTERNAL ERROR (0x06) "
-    "and a logged traceback instead of 0x03 Command ID Conflict"
-)
-
-
-@pytest.mark.xfail(strict=True, reason=CID_CONFLICT_BUG)
 async def test_cid_reused_while_its_data_is_outstanding() -> None:
     async with harness() as h, raw_controller(h.rt) as (_, io, _cntlid):
         first = store_command(KV_NSID, b"cid-first", 4096, cid=77)
@@ -1063,7 +1053,7 @@ async def test_cid_reused_while_its_data_is_outstanding() -> None:
         # a buggy host reuses CID 77 while the first Store still waits for its data
         await io.send(io.capsule(store_command(KV_NSID, b"cid-second", 4096, cid=77)))
         conflict, _ = await io.response(77)
-        assert not conflict.status.success  # 0x03 Command ID Conflict would be the best answer
+        assert_status(conflict, SCT_GENERIC, GenericStatus.CID_CONFLICT)
         # the first Store still gets its data and completes
         value = os.urandom(4096)
         _, h2c = io.h2c_data(77, ttag, 0, value)

@@ -118,20 +118,13 @@ async def test_identify_controller() -> None:
         assert ctrl.identify.cntlid == ident.cntlid
 
 
-MDTS_BUG = (
-    "MDTS rounds max_transfer_size down (nvmeof/target/controller.py _mdts) while "
-    "make_kv_target/cli size it max_value + 4096, not a power of two: 2^MDTS*4KiB < KV Value Max "
-    "Length (REFERENCE 6.5)"
-)
-
-
 @pytest.mark.parametrize(
     "max_value",
     [
         1 << 20,
         64 << 20,  # make_kv_target's default
-        pytest.param(3 << 20, marks=pytest.mark.xfail(strict=True, reason=MDTS_BUG)),
-        pytest.param(100 << 20, marks=pytest.mark.xfail(strict=True, reason=MDTS_BUG)),
+        3 << 20,
+        100 << 20,
     ],
 )
 async def test_mdts_covers_the_largest_value(max_value: int) -> None:
@@ -261,14 +254,6 @@ async def test_features_keep_alive_timer() -> None:
         await ctrl.keep_alive()
 
 
-KATO_RESTART_BUG = (
-    "Set Features KATO does not restart the keep-alive timer: nvmeof/target/controller.py "
-    "set_feature() only assigns kato_ms, so the deadline counts from the last Keep Alive (or the "
-    "Connect); Linux nvmet stops and restarts the timer"
-)
-
-
-@pytest.mark.xfail(strict=True, reason=KATO_RESTART_BUG)
 async def test_set_features_kato_restarts_the_timer() -> None:
     with anyio.fail_after(TEST_TIMEOUT):
         async with serve_target() as rt:
