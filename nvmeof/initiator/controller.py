@@ -49,7 +49,8 @@ from nvmeof.spec.properties import (
     ShutdownNotification,
     ShutdownStatus,
 )
-from nvmeof.transport.base import Buffer
+from nvmeof.transport.base import Buffer, HostConnector
+from nvmeof.transport.sockets import open_tcp
 from nvmeof.transport.tcp import DEFAULT_PORT, TcpHostChannel
 
 log = logging.getLogger("nvmeof.initiator")
@@ -106,6 +107,7 @@ class ConnectOptions:
     header_digest: bool
     data_digest: bool
     timeout: float
+    connector: HostConnector = open_tcp
 
 
 class Controller:
@@ -135,13 +137,15 @@ class Controller:
         header_digest: bool = False,
         data_digest: bool = False,
         timeout: float = 10.0,
+        connector: HostConnector = open_tcp,
     ) -> ControllerConnection:
         """Connect, enable and set up I/O queues.
 
         ``await Controller.connect(...)`` gives a controller with no keep-alive traffic (KATO 0
         unless ``kato_ms`` is given, then call ``keep_alive()`` yourself); ``async with
         Controller.connect(...) as ctrl`` also runs a keep-alive task (KATO 30 s by default) and
-        shuts the controller down on exit.
+        shuts the controller down on exit. ``connector`` opens each queue's byte stream (TCP by
+        default; the simulator passes its own).
         """
         host, port = parse_address(address)
         default_nqn, default_id = default_host_identity()
@@ -159,6 +163,7 @@ class Controller:
             header_digest=header_digest,
             data_digest=data_digest,
             timeout=timeout,
+            connector=connector,
         )
         return ControllerConnection(options)
 
@@ -199,6 +204,7 @@ class Controller:
                 options.port,
                 header_digest=options.header_digest,
                 data_digest=options.data_digest,
+                connector=options.connector,
             )
         queue = QueuePair(channel, qid=qid, depth=depth)
         data = ConnectData(

@@ -9,7 +9,8 @@ import anyio.abc
 
 from nvmeof.target.queue import QueueSession
 from nvmeof.target.subsystem import Target
-from nvmeof.transport.sockets import AsyncSocket, TcpListener
+from nvmeof.transport.base import ByteStream
+from nvmeof.transport.sockets import TcpListener
 from nvmeof.transport.tcp import TcpControllerChannel
 
 log = logging.getLogger("nvmeof.target")
@@ -60,7 +61,8 @@ class TargetServer:
             with anyio.CancelScope(shield=True):
                 await listener.aclose()
 
-    async def handle_connection(self, sock: AsyncSocket) -> None:
+    async def handle_connection(self, sock: ByteStream) -> None:
+        """Serve one queue's connection (any byte stream: TCP, or the simulator's)."""
         self.connections += 1
         channel = TcpControllerChannel(
             sock,

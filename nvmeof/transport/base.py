@@ -18,6 +18,27 @@ from nvmeof.spec.completion import Completion
 Buffer = bytes | bytearray | memoryview
 
 
+class ByteStream(Protocol):
+    """A reliable ordered byte stream with zero-copy receive: a TCP socket, or the simulator's.
+
+    ``recv_into`` returns 0 at end of stream; failures raise ``ConnectionLost``.
+    """
+
+    peer: str
+
+    async def recv_into(self, view: memoryview) -> int: ...
+
+    async def send_all(self, buffers: Sequence[Buffer]) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+
+class HostConnector(Protocol):
+    """Opens the byte stream of one new queue (TCP by default; the simulator plugs in here)."""
+
+    async def __call__(self, host: str, port: int) -> ByteStream: ...
+
+
 @attrs.define(eq=False)
 class Request:
     """One command as the target's core sees it, whatever the transport."""

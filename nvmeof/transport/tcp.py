@@ -26,8 +26,8 @@ from nvmeof.tcp.connection import (
     ResponseReceived,
     TermReqReceived,
 )
-from nvmeof.transport.base import Buffer, Request
-from nvmeof.transport.sockets import AsyncSocket, open_tcp
+from nvmeof.transport.base import Buffer, ByteStream, HostConnector, Request
+from nvmeof.transport.sockets import open_tcp
 
 log = logging.getLogger("nvmeof.transport.tcp")
 
@@ -44,7 +44,7 @@ class _Sender:
     last empty take and clearing the flag there is no await, so nothing can be left behind.)
     """
 
-    def __init__(self, sock: AsyncSocket, take: Callable[[], list[Buffer]]) -> None:
+    def __init__(self, sock: ByteStream, take: Callable[[], list[Buffer]]) -> None:
         self._sock = sock
         self._take = take
         self._sending = False
@@ -63,7 +63,7 @@ class _Sender:
 class TcpHostChannel:
     trtype = "tcp"
 
-    def __init__(self, sock: AsyncSocket, conn: HostConnection) -> None:
+    def __init__(self, sock: ByteStream, conn: HostConnection) -> None:
         self._sock = sock
         self._conn = conn
         self._sender = _Sender(sock, conn.data_to_send)
@@ -80,8 +80,9 @@ class TcpHostChannel:
         *,
         header_digest: bool = False,
         data_digest: bool = False,
+        connector: HostConnector = open_tcp,
     ) -> TcpHostChannel:
-        sock = await open_tcp(host, port)
+        sock = await connector(host, port)
         channel = cls(sock, HostConnection(header_digest=header_digest, data_digest=data_digest))
         try:
             channel._conn.initiate()
@@ -205,7 +206,7 @@ class TcpControllerChannel:
 
     def __init__(
         self,
-        sock: AsyncSocket,
+        sock: ByteStream,
         *,
         maxh2cdata: int = 1 << 20,
         allow_digests: bool = True,
