@@ -138,6 +138,8 @@ class QueueSession:
                 self._tag(), cmd.cid, cmd.opcode, cmd.nsid, completion.status,
                 completion.dw0, sum(len(b) for b in data),
             )  # fmt: skip
+        # The host may reuse the CID as soon as it sees this completion: free it first.
+        self._active.discard(cmd.cid)
         await self.channel.complete(request, completion, data)
 
     def _completion(self, cid: int, status: Status, dw0: int, dw1: int) -> Completion:
