@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -80,6 +81,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="max value size of the spawned target (default 64MiB, raised to fit --sizes)",
     )
     parser.add_argument("--no-raw", action="store_true", help="skip the raw-TCP bound")
+    parser.add_argument(
+        "--compare",
+        action="store_true",
+        help="also run every cell against a redis-server it starts, through redis-py (asyncio)",
+    )
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds per command")
     parser.add_argument("--json", metavar="PATH", help="also write the results here as JSON")
 
@@ -117,6 +123,7 @@ class Settings:
     queues: int
     digests: bool
     timeout: float
+    compare: bool = False
 
     @property
     def pool(self) -> int:
@@ -160,6 +167,7 @@ class Cell:
     inflight: int
     kv: Stats
     raw: Stats | None
+    redis: Stats | None = None
 
     @property
     def ratio(self) -> float | None:
@@ -167,6 +175,13 @@ class Cell:
             return None
         raw = self.raw.gb_per_s(self.size)
         return self.kv.gb_per_s(self.size) / raw if raw > 0 else None
+
+    @property
+    def redis_ratio(self) -> float | None:
+        if self.redis is None:
+            return None
+        theirs = self.redis.ops_per_s()
+        return self.kv.ops_per_s() / theirs if theirs > 0 else None
 
     def to_json(self) -> dict[str, Any]:
         def stats(s: Stats | None) -> dict[str, Any] | None:
@@ -189,6 +204,8 @@ class Cell:
             "kv": stats(self.kv),
             "raw_tcp": stats(self.raw),
             "ratio_to_raw": self.ratio,
+            "redis_py": stats(self.redis),
+            "ratio_to_redis_py": self.redis_ratio,
         }
 
 
@@ -253,6 +270,7 @@ async def _bench(
     nqn: str,
     raw: RawServer | None,
     report: Callable[[Cell], None],
+    redis_address: tuple[str, int] | None = None,
 ) -> list[Cell]:
     from kvext.client import KVClient
 
@@ -269,8 +287,17 @@ async def _bench(
         queues = len(kv.controller.io_queues)
         if queues != settings.queues:
             log.warning("asked for %d I/O queues, the target gave %d", settings.queues, queues)
-        for size in settings.sizes:
-            cells += await _bench_size(kv, settings, size, raw, report)
+        redis = None
+        if redis_address is not None:
+            from bench.redis_peer import redis_client
+
+            redis = redis_client(redis_address, max(settings.inflight))
+        try:
+            for size in settings.sizes:
+                cells += await _bench_size(kv, settings, size, raw, report, redis)
+        finally:
+            if redis is not None:
+                await redis.aclose()
     return cells
 
 
@@ -280,6 +307,7 @@ async def _bench_size(
     size: int,
     raw: RawServer | None,
     report: Callable[[Cell], None],
+    redis: Any = None,
 ) -> list[Cell]:
     """The put cells, then the get cells, of one value size; its keys are deleted after."""
     cells: list[Cell] = []
@@ -297,6 +325,16 @@ async def _bench_size(
     async def get(w: int, key: bytes) -> None:
         await kv.get(key, out=buffers[w])
 
+    async def redis_put(w: int, key: bytes) -> None:
+        await redis.set(key, value)
+
+    async def redis_get(w: int, key: bytes) -> None:
+        # redis-py returns new bytes; a cache user then copies them into the tensor that needs them.
+        data = await redis.get(key)
+        buffers[w][:] = data
+
+    redis_ops = {"put": redis_put, "get": redis_get}
+
     for phase, op in (("put", put), ("get", get)):
         if phase == "get":
             await kv.put_many((k, value) for k in keys if k not in stored)
@@ -312,13 +350,26 @@ async def _bench_size(
                         raw.run_get, buffers, n, settings.raw_seconds, cap
                     )
                 raw_stats = _raw_stats(result)
+            redis_stats: Stats | None = None
+            if redis is not None:
+                if phase == "get":
+                    for k in keys:
+                        await redis.set(k, value)
+                redis_stats = await _kv_cell(n, keys, settings.seconds, cap, redis_ops[phase])
             cell = Cell(
-                phase, size, n, await _kv_cell(n, keys, settings.seconds, cap, op), raw_stats
+                phase,
+                size,
+                n,
+                await _kv_cell(n, keys, settings.seconds, cap, op),
+                raw_stats,
+                redis_stats,
             )
             cells.append(cell)
             report(cell)
     for key in keys:
         await kv.delete(key)
+    if redis is not None:
+        await redis.flushall()
     return cells
 
 
@@ -335,6 +386,8 @@ COLUMNS = (
     ("raw GB/s", ">"),
     ("raw p50 ms", ">"),
     ("vs raw", ">"),
+    ("redis-py ops/s", ">"),
+    ("vs redis-py", ">"),
 )
 
 
@@ -352,6 +405,8 @@ def _row(cell: Cell) -> list[str]:
         "-" if raw is None else f"{raw.gb_per_s(cell.size):.3f}",
         "-" if raw is None else f"{raw.p50 * 1e3:.3f}",
         "-" if ratio is None else f"{ratio:.2f}x",
+        "-" if cell.redis is None else f"{cell.redis.ops_per_s():.1f}",
+        "-" if cell.redis_ratio is None else f"{cell.redis_ratio:.2f}x",
     ]
 
 
@@ -384,6 +439,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         queues=args.queues,
         digests=args.digests,
         timeout=args.timeout,
+        compare=args.compare,
     )
 
 
@@ -394,6 +450,8 @@ def main(args: argparse.Namespace) -> int:
 
     try:
         settings = _settings(args)
+        if settings.compare and args.backend != "asyncio":
+            raise ValueError("--compare runs redis-py's asyncio client: use --backend asyncio")
     except ValueError as exc:
         log.error("%s", exc)
         return 2
@@ -417,6 +475,11 @@ def main(args: argparse.Namespace) -> int:
                 address = target.address
                 where = f"spawned target (capacity {args.capacity}) on {address[0]}:{address[1]}"
             raw = None if args.no_raw else stack.enter_context(spawn_raw_server())
+            redis_address = None
+            if settings.compare:
+                from bench.redis_peer import spawn_redis
+
+                redis_address = stack.enter_context(spawn_redis())
             print(
                 f"gpucache bench: {where}, {args.nqn}; {settings.queues} I/O queues, digests "
                 f"{'on' if settings.digests else 'off'}, backend {args.backend}; "
@@ -424,11 +487,31 @@ def main(args: argparse.Namespace) -> int:
                 flush=True,
             )
 
+            total = len(settings.sizes) * len(settings.inflight) * 2
+            done = 0
+
             def report(cell: Cell) -> None:
-                log.info("%s", " ".join(_row(cell)))
+                nonlocal done
+                done += 1
+                bar = "#" * (20 * done // total)
+                print(
+                    f"\r[{bar:<20}] {done}/{total} {cell.op} {size_label(cell.size)}"
+                    f" x{cell.inflight}   ",
+                    end="" if done < total else "\n",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                log.debug("%s", " ".join(_row(cell)))
 
             cells = anyio.run(
-                _bench, settings, address, args.nqn, raw, report, backend=args.backend
+                _bench,
+                settings,
+                address,
+                args.nqn,
+                raw,
+                report,
+                redis_address,
+                backend=args.backend,
             )
     except (NvmeofError, OSError, RuntimeError, TimeoutError, ExceptionGroup) as exc:
         log.error("bench failed: %s", exc)
@@ -442,6 +525,12 @@ def main(args: argparse.Namespace) -> int:
         " raw = plain Python loopback socket to a child process, recv_into a preallocated buffer,"
         " same size and in-flight; vs raw = KV GB/s / raw GB/s."
     )
+    if settings.compare:
+        print(
+            "redis-py = the same cells against redis-server (no persistence) through redis-py's"
+            " asyncio client with hiredis, gets copied into the same buffers; vs redis-py ="
+            " our ops/s / theirs."
+        )
     print(f"total wall time {wall:.1f} s")
     if args.json:
         with open(args.json, "w") as f:
