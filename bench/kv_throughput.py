@@ -386,9 +386,8 @@ COLUMNS = (
     ("raw GB/s", ">"),
     ("raw p50 ms", ">"),
     ("vs raw", ">"),
-    ("redis-py ops/s", ">"),
-    ("vs redis-py", ">"),
 )
+COMPARE_COLUMNS = (("redis-py ops/s", ">"), ("vs redis-py", ">"))
 
 
 def _row(cell: Cell) -> list[str]:
@@ -411,11 +410,13 @@ def _row(cell: Cell) -> list[str]:
 
 
 def format_table(cells: Sequence[Cell]) -> str:
-    rows = [[name for name, _ in COLUMNS], *(_row(c) for c in cells)]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS))]
+    compare = any(c.redis is not None for c in cells)
+    columns = COLUMNS + COMPARE_COLUMNS if compare else COLUMNS
+    rows = [[name for name, _ in columns], *(_row(c)[: len(columns)] for c in cells)]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(columns))]
     lines = []
     for j, r in enumerate(rows):
-        parts = [f"{v:{align}{w}}" for v, (_, align), w in zip(r, COLUMNS, widths, strict=True)]
+        parts = [f"{v:{align}{w}}" for v, (_, align), w in zip(r, columns, widths, strict=True)]
         lines.append("  ".join(parts).rstrip())
         if j == 0:
             lines.append("  ".join("-" * w for w in widths))

@@ -51,8 +51,29 @@ def build_target(args: argparse.Namespace) -> Any:
         policy=args.eviction,
     )
     subsystem.add_namespace(KeyValueNamespace(engine, name="kv0"))
+    _add_block_namespaces(subsystem, args)
     target.add_subsystem(subsystem)
     return target
+
+
+def _add_block_namespaces(subsystem: Any, args: argparse.Namespace) -> None:
+    """``--malloc SIZE`` and ``--aio FILE`` namespaces, after the KV one (nsid 1)."""
+    from nvmeof.target.bdev.aio import AioBdev
+    from nvmeof.target.bdev.malloc import MallocBdev
+
+    block_size = args.block_size
+    for i, size in enumerate(args.malloc or ()):
+        num_blocks = parse_size(size) // block_size
+        if num_blocks < 1:
+            raise ValueError(f"--malloc {size} holds no {block_size}-byte block")
+        bdev = MallocBdev(f"Malloc{i}", num_blocks, block_size)
+        nsid = subsystem.add_namespace(bdev.make_namespace())
+        log.info("namespace %d: malloc bdev %s, %s", nsid, bdev.name, format_size(bdev.size))
+    for i, filename in enumerate(args.aio or ()):
+        aio = AioBdev(f"AIO{i}", filename, block_size)
+        nsid = subsystem.add_namespace(aio.make_namespace())
+        mode = aio.io_mode.value
+        log.info("namespace %d: aio bdev %s on %s (%s)", nsid, aio.name, filename, mode)
 
 
 async def _run_target(args: argparse.Namespace) -> None:
@@ -82,7 +103,7 @@ def cmd_target(args: argparse.Namespace) -> int:
         anyio.run(_run_target, args, **_backend_options(args.backend))
     except KeyboardInterrupt:
         pass
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
         log.error("cannot start the target: %s", exc)
         return 1
     return 0
@@ -178,6 +199,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     target.add_argument(
         "--no-digests", action="store_true", help="refuse header/data digests in ICReq"
+    )
+    target.add_argument(
+        "--malloc", action="append", metavar="SIZE", help="add a RAM block namespace of SIZE"
+    )
+    target.add_argument(
+        "--aio", action="append", metavar="FILE", help="add a block namespace on an existing file"
+    )
+    target.add_argument(
+        "--block-size", type=int, choices=[512, 4096], default=512, help="of --malloc/--aio"
     )
     target.add_argument("--ready-file", help="write the listening addresses here once serving")
     target.set_defaults(func=cmd_target)

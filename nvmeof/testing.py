@@ -14,6 +14,7 @@ from pathlib import Path
 import anyio
 import attrs
 
+from nvmeof.target.bdev.base import Bdev
 from nvmeof.target.server import TargetServer
 from nvmeof.target.subsystem import Subsystem, Target, TargetLimits, transfer_size_for
 
@@ -53,6 +54,32 @@ def make_kv_target(
     )
     subsystem.add_namespace(KeyValueNamespace(engine))
     target.add_subsystem(subsystem)
+    return target
+
+
+def make_block_target(
+    bdevs: Sequence[Bdev] = (),
+    *,
+    nqn: str = TEST_NQN,
+    num_blocks: int = 16384,
+    block_size: int = 512,
+    kv: bool = False,
+    limits: TargetLimits | None = None,
+    hosts: Sequence[str] = (),
+) -> Target:
+    """A target whose subsystem has a namespace per bdev (default: one malloc bdev,
+    ``num_blocks`` x ``block_size``); with ``kv``, a DRAM KV namespace comes first, as nsid 1."""
+    from nvmeof.target.bdev.malloc import MallocBdev
+
+    if kv:
+        target = make_kv_target(nqn=nqn, capacity=64 << 20, limits=limits, hosts=hosts)
+        subsystem = target.subsystems[nqn]
+    else:
+        target = Target(limits or TargetLimits())
+        subsystem = Subsystem(nqn=nqn, allow_any_host=not hosts, hosts=set(hosts))
+        target.add_subsystem(subsystem)
+    for bdev in bdevs or [MallocBdev("Malloc0", num_blocks, block_size)]:
+        subsystem.add_namespace(bdev.make_namespace())
     return target
 
 

@@ -18,11 +18,18 @@ pip_install --upgrade pip
 # torch is pinned: this exact CPU build is what the machines here install without a multi-GB download.
 pip_install -e '.[dev]' 'torch==2.13.0'
 
-if [ "${1:-}" = "--with-tshark" ] && ! command -v tshark >/dev/null 2>&1; then
-    export DEBIAN_FRONTEND=noninteractive
-    SUDO=""
-    [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-    $SUDO apt-get update -qq
-    echo "wireshark-common wireshark-common/install-setuid boolean false" | $SUDO debconf-set-selections
-    $SUDO apt-get install -y -qq tshark >/dev/null
+# The test suite's real peers: tshark (NVMe/TCP dissector) and redis-server (bench --compare).
+if [ "${1:-}" = "--with-tshark" ]; then
+    missing=""
+    command -v tshark >/dev/null 2>&1 || missing="$missing tshark"
+    command -v redis-server >/dev/null 2>&1 || missing="$missing redis-server"
+    if [ -n "$missing" ]; then
+        export DEBIAN_FRONTEND=noninteractive
+        SUDO=""
+        [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+        $SUDO apt-get update -qq
+        echo "wireshark-common wireshark-common/install-setuid boolean false" | $SUDO debconf-set-selections
+        # shellcheck disable=SC2086
+        $SUDO apt-get install -y -qq $missing >/dev/null
+    fi
 fi

@@ -5,12 +5,19 @@ into the completion status it carries (``kv_status``). Engines own the bytes: ``
 the buffer the network data lands in, ``store`` takes ownership of it without a copy, ``retrieve``
 returns a zero-copy view. Stored buffers are never mutated in place, so a view handed out earlier
 keeps the old bytes even after an overwrite or eviction.
+
+Operations that may touch a disk are coroutines (``store_async``, ``retrieve_async``,
+``delete_async``, ``flush``): a flash engine runs its I/O in worker threads through an injected
+``Offload`` (this package may not import an event loop library), while the DRAM engine answers them
+at once from its synchronous methods. Index-only operations (``exists``, ``list_keys``, ``allocate``)
+stay synchronous: every engine keeps its index in memory.
 """
 
 from __future__ import annotations
 
 import enum
-from typing import Protocol, runtime_checkable
+from collections.abc import Awaitable, Callable
+from typing import Protocol, TypeVar, runtime_checkable
 
 import attrs
 
@@ -102,6 +109,22 @@ class EngineStats:
     misses: int = 0
     evictions: int = 0
     evicted_bytes: int = 0
+    bytes_in: int = 0  # value bytes accepted by Store
+    bytes_out: int = 0  # value bytes returned by Retrieve
+
+
+_T = TypeVar("_T")
+
+
+class Offload(Protocol):
+    """Runs a blocking function off the event loop (``anyio.to_thread.run_sync``, wrapped)."""
+
+    def __call__(self, func: Callable[[], _T], /) -> Awaitable[_T]: ...
+
+
+async def run_inline(func: Callable[[], _T], /) -> _T:
+    """An ``Offload`` that blocks the caller: for tools and tests that run no event loop work."""
+    return func()
 
 
 @runtime_checkable
@@ -121,7 +144,7 @@ class KeyValueEngine(Protocol):
         """A writable buffer for an incoming ``size``-byte value; ``ValueTooLarge`` if too big."""
         ...
 
-    def store(
+    async def store_async(
         self,
         key: bytes,
         value: memoryview,
@@ -132,15 +155,27 @@ class KeyValueEngine(Protocol):
         """Take ownership of ``value`` (no copy) under ``key``, evicting per policy to make room."""
         ...
 
-    def retrieve(self, key: bytes) -> memoryview:
-        """A read-only zero-copy view of the value; ``KeyMissing`` if absent. Counts as a use."""
+    async def retrieve_async(self, key: bytes) -> memoryview:
+        """A read-only view of the value; ``KeyMissing`` if absent. Counts as a use."""
+        ...
+
+    async def delete_async(self, key: bytes) -> bool:
+        """Remove ``key``; True if it existed."""
+        ...
+
+    async def flush(self) -> None:
+        """Make every acknowledged Store and Delete durable (a no-op for DRAM)."""
+        ...
+
+    def close(self) -> None:
+        """Release the engine at shutdown (a flash engine checkpoints its index); blocking."""
+        ...
+
+    def describe(self) -> dict[str, object]:
+        """Capacity, usage and counters as a JSON-able dict (for RPC and logs)."""
         ...
 
     def exists(self, key: bytes) -> bool: ...
-
-    def delete(self, key: bytes) -> bool:
-        """Remove ``key``; True if it existed."""
-        ...
 
     def list_keys(self, start: bytes = b"", limit: int | None = None) -> list[bytes]:
         """Keys in a stable (sorted) order from the first key >= ``start``, at most ``limit``."""

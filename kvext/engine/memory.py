@@ -12,6 +12,8 @@ import sys
 import weakref
 from collections import OrderedDict
 
+import attrs
+
 from kvext.engine.base import (
     CapacityExceeded,
     EngineLimits,
@@ -145,6 +147,7 @@ class MemoryEngine:
             self._entries.move_to_end(key)
         self._used += cost
         self._stats.stores += 1
+        self._stats.bytes_in += size
         if replaced is not None:
             assert old is not None
             old.release()
@@ -158,6 +161,7 @@ class MemoryEngine:
             self._stats.misses += 1
             raise KeyMissing(f"key {key!r} does not exist")
         self._stats.hits += 1
+        self._stats.bytes_out += value.nbytes
         if self._policy.refresh_on_retrieve:
             self._entries.move_to_end(key)
         pooled = self._pooled.get(key)
@@ -166,6 +170,39 @@ class MemoryEngine:
             value = memoryview(pooled)[: value.nbytes]
         # Read-only so no reader can change what later readers see.
         return value.toreadonly()
+
+    # The async face of the ``KeyValueEngine`` protocol: DRAM never waits, so these answer at once.
+    async def store_async(
+        self,
+        key: bytes,
+        value: memoryview,
+        *,
+        must_exist: bool = False,
+        must_not_exist: bool = False,
+    ) -> None:
+        self.store(key, value, must_exist=must_exist, must_not_exist=must_not_exist)
+
+    async def retrieve_async(self, key: bytes) -> memoryview:
+        return self.retrieve(key)
+
+    async def delete_async(self, key: bytes) -> bool:
+        return self.delete(key)
+
+    async def flush(self) -> None:
+        return None
+
+    def close(self) -> None:
+        self.pool.clear()
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "engine": "memory",
+            "policy": self._policy.name,
+            "capacity_bytes": self._limits.capacity_bytes,
+            "used_bytes": self._used,
+            "keys": len(self._entries),
+            **attrs.asdict(self._stats),
+        }
 
     def exists(self, key: bytes) -> bool:
         return key in self._entries

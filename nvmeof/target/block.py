@@ -20,7 +20,7 @@ import attrs
 from nvmeof.errors import CommandError
 from nvmeof.spec.command import Command, NvmOpcode
 from nvmeof.spec.identify import IDENTIFY_DATA_SIZE, IdentifyNamespace, LbaFormat
-from nvmeof.spec.status import GenericStatus, Status
+from nvmeof.spec.status import GenericStatus, Status, StatusCodeType
 from nvmeof.target.namespace import CommandResult
 from nvmeof.transport.base import Buffer, ControllerChannel, Request
 
@@ -42,6 +42,13 @@ NVM_IO_COMMAND_EFFECTS: Mapping[int, int] = {
 
 # DLFEAT: bits 2:0 = 001b (a deallocated block reads as zeros), bit 3 (Write Zeroes may deallocate).
 _DLFEAT = 0x1 | 0x8
+
+
+class MediaStatus(enum.IntEnum):
+    """Media and data integrity errors (SCT 2) a failing backing file turns into."""
+
+    WRITE_FAULT = 0x80
+    UNRECOVERED_READ_ERROR = 0x81
 
 
 class RwFlag(enum.IntFlag):
@@ -117,10 +124,8 @@ class BlockNamespace:
         self.bdev = bdev
         self.nsid = 0
         self.uuid = bdev.uuid
-        self.block_size = bdev.block_size
+        self.block_size = check_block_size(bdev.block_size)
         self.num_blocks = bdev.num_blocks
-        if self.block_size & (self.block_size - 1) or self.block_size < 512:
-            raise ValueError(f"block size {self.block_size} is not a power of two >= 512")
         self._lbads = self.block_size.bit_length() - 1
 
     # --- identify ---------------------------------------------------------------------------
@@ -167,6 +172,18 @@ class BlockNamespace:
 
     # --- I/O --------------------------------------------------------------------------------
     async def execute(self, request: Request, channel: ControllerChannel) -> CommandResult:
+        try:
+            return await self._execute(request, channel)
+        except OSError as exc:
+            # The backing file failed us: a media error the host may report or retry elsewhere.
+            opcode = request.command.opcode
+            log.error("%s: opcode 0x%02x failed: %s", self.bdev.name, opcode, exc)
+            sc = MediaStatus.UNRECOVERED_READ_ERROR
+            if opcode != NvmOpcode.READ:
+                sc = MediaStatus.WRITE_FAULT
+            raise CommandError(Status(StatusCodeType.MEDIA, sc), str(exc)) from exc
+
+    async def _execute(self, request: Request, channel: ControllerChannel) -> CommandResult:
         cmd = request.command
         opcode = cmd.opcode
         if opcode == NvmOpcode.READ:

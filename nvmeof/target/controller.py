@@ -308,6 +308,8 @@ class Controller:
             cqes=0x44,
             maxcmd=limits.max_queue_entries,
             nn=nn,
+            oncs=0x0C,  # bit2 Dataset Management, bit3 Write Zeroes (block namespaces)
+            vwc=0x1,  # a volatile write cache: hosts send Flush (aio bdevs' page cache)
             sgls=0x00100001,
             mnan=nn,
             subnqn=self.subsystem.nqn,

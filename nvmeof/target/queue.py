@@ -18,6 +18,7 @@ from nvmeof.spec.command import AdminOpcode, Command
 from nvmeof.spec.completion import SQHD_FLOW_CONTROL_DISABLED, Completion
 from nvmeof.spec.fabrics import (
     CONNECT_DATA_SIZE,
+    DISCOVERY_NQN,
     DYNAMIC_CNTLID,
     ConnectData,
     ConnectDataError,
@@ -27,6 +28,7 @@ from nvmeof.spec.fabrics import (
 )
 from nvmeof.spec.status import FabricsStatus, GenericStatus, Status
 from nvmeof.target.controller import Controller, invalid_field
+from nvmeof.target.discovery import controller_factory
 from nvmeof.target.namespace import CommandResult
 from nvmeof.target.subsystem import Target
 from nvmeof.transport.base import Buffer, ControllerChannel, Request
@@ -221,6 +223,8 @@ class QueueSession:
         if params.sqsize == 0:
             raise _connect_invalid(44, in_data=False)
         subsystem = self.target.subsystems.get(data.subnqn)
+        if data.subnqn == DISCOVERY_NQN:
+            subsystem = self.target.discovery_subsystem  # a discovery controller (CNTRLTYPE 2)
         if subsystem is None:
             raise _connect_invalid(256, in_data=True)
         if not subsystem.host_allowed(data.hostnqn):
@@ -235,7 +239,7 @@ class QueueSession:
                 raise _connect_invalid(16, in_data=True)
             if params.sqsize > 0xFFF:
                 raise _connect_invalid(44, in_data=False)
-            controller = Controller(
+            controller = controller_factory(self.target, subsystem)(
                 cntlid=self.target.allocate_cntlid(subsystem),
                 subsystem=subsystem,
                 limits=limits,

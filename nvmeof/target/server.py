@@ -8,7 +8,7 @@ import anyio
 import anyio.abc
 
 from nvmeof.target.queue import QueueSession
-from nvmeof.target.subsystem import Target
+from nvmeof.target.subsystem import ListenAddress, Target
 from nvmeof.transport.base import ByteStream
 from nvmeof.transport.sockets import TcpListener
 from nvmeof.transport.tcp import TcpControllerChannel
@@ -46,9 +46,14 @@ class TargetServer:
         self,
         listener: TcpListener,
         *,
+        discovery: bool = False,
         task_status: anyio.abc.TaskStatus[tuple[str, int]] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
+        """``discovery``: a dedicated discovery port (8009), not listed as an I/O port."""
         self.listeners.append(listener)
+        address = ListenAddress(traddr=listener.host, trsvcid=str(listener.port))
+        ports = self.target.discovery_addresses if discovery else self.target.listen_addresses
+        ports.append(address)
         log.info("listening on %s:%d (NVMe/TCP)", listener.host, listener.port)
         try:
             async with anyio.create_task_group() as tg:
@@ -58,6 +63,7 @@ class TargetServer:
                     tg.start_soon(self.handle_connection, sock)
         finally:
             self.listeners.remove(listener)
+            ports.remove(address)
             with anyio.CancelScope(shield=True):
                 await listener.aclose()
 

@@ -97,6 +97,13 @@ class Target:
         self.limits = limits or TargetLimits()
         self.subsystems: dict[str, Subsystem] = {}
         self._cntlids = itertools.cycle(range(1, MAX_CNTLID + 1))
+        # Discovery (nvmeof.target.discovery): the well-known subsystem, where this target listens
+        # (I/O listeners; dedicated discovery listeners), and the discovery log's generation.
+        self.discovery_subsystem = Subsystem(nqn=DISCOVERY_NQN, max_namespaces=0)
+        self.listen_addresses: list[ListenAddress] = []
+        self.discovery_addresses: list[ListenAddress] = []
+        self.discovery_genctr = 0
+        self.discovery_fingerprint: object = None
 
     def add_subsystem(self, subsystem: Subsystem) -> Subsystem:
         if subsystem.nqn in self.subsystems or subsystem.nqn == DISCOVERY_NQN:

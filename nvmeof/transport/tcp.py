@@ -8,6 +8,7 @@ import struct
 from collections.abc import Callable, Sequence
 
 import anyio
+import anyio.lowlevel
 
 from nvmeof.errors import CommandError, ConnectionLost, PduError
 from nvmeof.spec.command import Command
@@ -42,6 +43,9 @@ class _Sender:
     A task that finds another one sending returns at once: its PDUs are already queued in the
     connection, in order, and the sending task takes them before it stops. (No lock: between the
     last empty take and clearing the flag there is no await, so nothing can be left behind.)
+    Before its first send the sending task yields once, so the PDUs that other ready tasks queue
+    in the same turn of the loop (32 completions, 32 commands) go out in one ``sendmsg``: on
+    loopback each ``sendmsg`` also runs the receiver's TCP stack, so fewer of them is the win.
     """
 
     def __init__(self, sock: ByteStream, take: Callable[[], list[Buffer]]) -> None:
@@ -54,6 +58,7 @@ class _Sender:
             return
         self._sending = True
         try:
+            await anyio.lowlevel.checkpoint()
             while buffers := self._take():
                 await self._sock.send_all(buffers)
         finally:

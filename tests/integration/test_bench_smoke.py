@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 import re
 from pathlib import Path
 
@@ -91,3 +93,19 @@ def test_bench_without_raw_bound_leaves_the_ratio_empty(capsys: pytest.CaptureFi
 
 def test_bench_rejects_bad_options(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["bench", "--inflight", "0"]) == 2
+
+
+def test_compare_runs_the_same_cells_against_redis(capsys: pytest.CaptureFixture[str]) -> None:
+    if shutil.which("redis-server") is None and not os.environ.get("CI"):
+        pytest.skip("redis-server not installed (scripts/setup.sh --with-tshark installs it)")
+    rc = main(["bench", "--compare", "--sizes", "4KiB", "--inflight", "1,2", "--seconds", "0.2"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    header = next(line for line in out.splitlines() if line.startswith("op "))
+    assert re.split(r"\s{2,}", header.strip())[-2:] == ["redis-py ops/s", "vs redis-py"]
+    rows = [line for line in out.splitlines() if re.match(r"(put|get)\s", line)]
+    assert len(rows) == 4
+    for row in rows:
+        ours_vs_redis = re.split(r"\s{2,}", row.strip())[-1]
+        assert ours_vs_redis.endswith("x")
+        assert float(ours_vs_redis[:-1]) > 0
