@@ -298,6 +298,7 @@ async def _bench(
         finally:
             if redis is not None:
                 await redis.aclose()
+                await redis.connection_pool.disconnect()
     return cells
 
 

@@ -243,9 +243,7 @@ class Fabric:
         return self._connection_ids
 
     def reachable(self, a: str, b: str) -> bool:
-        return (
-            self.node(a).up and self.node(b).up and self.link(a, b).state is not LinkState.CUT
-        )
+        return self.node(a).up and self.node(b).up and self.link(a, b).state is not LinkState.CUT
 
     def partition(self, *groups: Iterable[str]) -> None:
         """Cut every link between nodes of different groups."""

@@ -301,4 +301,3 @@ async def serve_streams(
     finally:
         with anyio.CancelScope(shield=True):
             await listener.aclose()
-

@@ -369,7 +369,9 @@ class QP:
             status = WcStatus.WR_FLUSH_ERR
         while self._recvs:
             wr = self._recvs.popleft()
-            self.attr.recv_cq.push(WC(wr.wr_id, WcStatus.WR_FLUSH_ERR, WcOpcode.RECV, 0, self.qp_num))
+            self.attr.recv_cq.push(
+                WC(wr.wr_id, WcStatus.WR_FLUSH_ERR, WcOpcode.RECV, 0, self.qp_num)
+            )
 
     # Breakable, for the fabric's faults
     def lose(self, reason: str) -> None:
@@ -388,7 +390,9 @@ class QP:
         if len(self._recvs) >= self.attr.cap.max_recv_wr:
             raise VerbsError("receive queue full", errno.ENOMEM)
         if self.state is QPState.ERR:
-            self.attr.recv_cq.push(WC(wr.wr_id, WcStatus.WR_FLUSH_ERR, WcOpcode.RECV, 0, self.qp_num))
+            self.attr.recv_cq.push(
+                WC(wr.wr_id, WcStatus.WR_FLUSH_ERR, WcOpcode.RECV, 0, self.qp_num)
+            )
             return
         self._recvs.append(wr)
 
@@ -420,7 +424,8 @@ class QP:
 
     # --- the wire -----------------------------------------------------------------------------
     def _transmit(self, size: int, action: Callable[[], None], *, reverse: bool = False) -> None:
-        assert self.remote is not None and self.link is not None
+        assert self.remote is not None
+        assert self.link is not None
         src, dst = self.ctx.name, self.remote.ctx.name
         if reverse:
             src, dst = dst, src
@@ -478,7 +483,9 @@ class QP:
         wr = pending.wr
         opcode = wr.opcode
         if opcode in (WrOpcode.RDMA_WRITE, WrOpcode.RDMA_WRITE_WITH_IMM):
-            target = _remote_span(remote, wr.rkey, wr.remote_addr, len(payload), Access.REMOTE_WRITE)
+            target = _remote_span(
+                remote, wr.rkey, wr.remote_addr, len(payload), Access.REMOTE_WRITE
+            )
             if target is None:
                 self._acked(pending, WcStatus.REM_ACCESS_ERR)
                 return
@@ -513,7 +520,10 @@ class QP:
             status = WcStatus.LOC_PROT_ERR if views is None else WcStatus.LOC_LEN_ERR
             remote.attr.recv_cq.push(WC(recv.wr_id, status, WcOpcode.RECV, 0, remote.qp_num))
             remote.to_error()
-            self._acked(pending, WcStatus.REM_INV_REQ_ERR if views else WcStatus.REM_OP_ERR)
+            self._acked(
+                pending,
+                WcStatus.REM_INV_REQ_ERR if views is not None else WcStatus.REM_OP_ERR,
+            )
             return
         _scatter(payload, views)
         remote.attr.recv_cq.push(

@@ -8,8 +8,8 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import re
+import shutil
 from pathlib import Path
 
 import pytest

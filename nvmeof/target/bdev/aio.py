@@ -108,7 +108,7 @@ def _open(path: str, block_size: int) -> tuple[int, IoMode, str]:
             reason = f"the filesystem refuses O_DIRECT ({exc.strerror})"
         else:
             try:
-                _pread_all(fd, aligned_buffer(block_size), 0)
+                os.preadv(fd, [aligned_buffer(block_size)], 0)  # EINVAL: not for this alignment
                 return fd, IoMode.DIRECT, ""
             except OSError as exc:
                 os.close(fd)
