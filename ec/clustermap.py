@@ -86,7 +86,9 @@ class ClusterMap:
 
     @property
     def quorum(self) -> int:
-        return self.write_quorum if self.write_quorum is not None else min(self.k + 1, self.k + self.m)
+        return (
+            self.write_quorum if self.write_quorum is not None else min(self.k + 1, self.k + self.m)
+        )
 
     def target(self, name: str) -> TargetEntry:
         for t in self.targets:
@@ -128,7 +130,9 @@ class ClusterMap:
                 targets=tuple(targets),
                 k=int(data.get("k", 4)),
                 m=int(data.get("m", 2)),
-                write_quorum=None if data.get("write_quorum") is None else int(data["write_quorum"]),
+                write_quorum=None
+                if data.get("write_quorum") is None
+                else int(data["write_quorum"]),
                 replicate_below=int(data.get("replicate_below", DEFAULT_REPLICATE_BELOW)),
                 discovery=tuple(str(d) for d in data.get("discovery", ())),
             )

@@ -15,30 +15,36 @@ The generation (the writer's ``time.time_ns()``) tells the fragments of one put 
 earlier or a half-finished one: a reader decodes only fragments of one generation, newest first.
 
 Replication threshold. Values below ``DEFAULT_REPLICATE_BELOW`` (64 KiB) are stored as m+1 whole
-copies instead of k+m fragments. The measurement behind it (``python -m bench.ec_codec`` on this
-repo's 2-core dev box, pyeclib 1.8.0; microseconds per call; 4+2)::
+copies instead of k+m fragments. The measurements behind it, on this repo's 2-core dev box
+(pyeclib 1.8.0, 4+2; microseconds per call). The codec alone::
 
-    size       isa_l encode  isa_l decode(data)  isa_l decode(2 lost) | put+get via 6 targets
-                                                                      | coded     replicated
-    1 KiB          1.6            1.6               2.6              |  see bench.ec_codec --cluster
-    4 KiB          2.1            1.7               2.9
-    16 KiB         5.0            4.3               6.2
-    64 KiB        18.4            6.5               7.4
-    256 KiB       32.4           20.7              27.5
-    1 MiB        113.9           59.9              84.7
-    4 MiB       1069.4          283.7             887.4
-    32 MiB     49106.4        32481.8           35146.9
-    (liberasurecode_rs_vand, the fallback: 7.9 / 10.7 / 29.8 / 119 / 400 / 2299 / 6679 / 96613
-     us to encode the same sizes)
+    size       isa_l encode  decode (data frags)  decode (2 lost)  liberasurecode_rs_vand encode
+    1 KiB          1.6            1.6                 2.6                  7.9
+    4 KiB          2.1            1.7                 2.9                 10.7
+    16 KiB         5.0            4.3                 6.2                 29.8
+    64 KiB        18.4            6.5                 7.4                119
+    256 KiB       32.4           20.7                27.5                400
+    1 MiB        113.9           59.9                84.7               2299
+    4 MiB       1069             284                 887                6679
+    32 MiB     49106           32482               35147               96613
 
-The codec is never the cost for small values: below 64 KiB it takes a few microseconds, while one
-NVMe/TCP command through this Python initiator takes on the order of 100 us. What differs is the
-number of commands: a coded put is k+m stores and a coded get k retrieves, a replicated put m+1
-stores and a replicated get one retrieve. The in-cluster column of ``bench.ec_codec --cluster``
-(put+get latency of both schemes over six loopback targets) crosses between 64 KiB and 256 KiB:
-below it the extra commands cost more than the doubled bytes (3x instead of 1.5x) do, above it
-the bytes dominate. Small values are also a small share of the bytes of a KV cache (a KV block
-of one layer for 16 tokens is already 64 KiB+ for most models), so their 3x is cheap.
+and one put then one get (``out=``) through ``ClusterKV`` over six in-process loopback targets,
+the same value coded (replicate_below=0) or replicated (replicate_below=inf)::
+
+    size       coded put   get    replicated put   get
+    4 KiB        2181     1919         1400        1195
+    16 KiB       1737     1302         1421        1413
+    64 KiB       3101     1580         2094        1854
+    256 KiB      4439     1697         2830        4161
+    1 MiB        9560     5130        15219       13189
+
+The codec is never the cost for small values (microseconds against ~1 ms per cluster operation
+here); the number of commands is: a coded put is k+m stores and a coded get k retrieves, a
+replicated put m+1 stores and a replicated get one or two retrieves. Put+get crosses over between
+64 KiB (coded 4.7 ms, replicated 3.9 ms) and 256 KiB (6.1 against 7.0 ms). At 64 KiB coding costs
+~20% more time and half the space (1.5x against 3x), so coding starts there; below it values are
+small enough that their 3x is cheap (a KV-cache block of one layer for 16 tokens is 64 KiB+ for
+most models). The dev-box numbers are noisy (targets share the client's event loop and two cores).
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ from collections.abc import Sequence
 
 import attrs
 import crc32c
+from pyeclib.ec_iface import ECDriver, ECDriverError
 
 from kvext.framing import FramingError, HeaderFlag, ValueHeader, ValueLayout
 from kvext.keys import KeyLike, key_bytes
@@ -60,7 +67,8 @@ VERSION = 1
 DEFAULT_REPLICATE_BELOW = 64 * 1024
 
 _FIXED = struct.Struct("<4sBBBBBBHQQIII")
-_HEADER_CRC_SPAN = _FIXED.size - 4  # everything before header_crc
+_HEADER_CRC_SPAN = _FIXED.size  # header_crc covers everything before it
+_CRC = struct.Struct("<I")
 FRAGMENT_HEADER_LENGTH = 48
 _PYECLIB_HEADER = 80  # liberasurecode's fragment header (fragment_header_t)
 _PYECLIB_META = struct.Struct("<II")  # its first fields: index, size of the data in this fragment
@@ -87,13 +95,11 @@ class Backend(enum.IntEnum):
 
 
 def available_backends() -> list[Backend]:
-    from pyeclib.ec_iface import ECDriver
-
     found = []
     for backend in Backend:
         try:
             ECDriver(k=2, m=1, ec_type=backend.pyeclib_name)
-        except Exception:  # noqa: BLE001 -- pyeclib raises several unrelated types here
+        except ECDriverError:
             continue
         found.append(backend)
     return found
@@ -139,9 +145,8 @@ class FragmentHeader:
             self.value_header_len,
             self.payload_len,
             self.payload_crc,
-            0,
         )
-        struct.pack_into("<I", buf, _HEADER_CRC_SPAN, crc32c.crc32c(buf[:_HEADER_CRC_SPAN]))
+        _CRC.pack_into(buf, _HEADER_CRC_SPAN, crc32c.crc32c(buf[:_HEADER_CRC_SPAN]))
         return bytes(buf)
 
     @classmethod
@@ -151,11 +156,14 @@ class FragmentHeader:
             raise CodecError(f"fragment of {len(view)} bytes is shorter than its header")
         fields = _FIXED.unpack_from(view)
         magic, version, scheme, backend, k, m, index, flags = fields[:8]
-        generation, value_len, vh_len, payload_len, payload_crc, header_crc = fields[8:]
+        generation, value_len, vh_len, payload_len, payload_crc = fields[8:]
+        (header_crc,) = _CRC.unpack_from(view, _HEADER_CRC_SPAN)
         if magic != MAGIC:
             raise CodecError(f"bad fragment magic {bytes(magic)!r}")
         if header_crc != crc32c.crc32c(view[:_HEADER_CRC_SPAN]):
             raise CodecError("fragment header checksum mismatch")
+        if any(view[_HEADER_CRC_SPAN + _CRC.size : FRAGMENT_HEADER_LENGTH]):
+            raise CodecError("fragment header padding is not zero")
         if version != VERSION:
             raise CodecError(f"unsupported fragment version {version}")
         try:
@@ -252,7 +260,7 @@ class ErasureCode:
     _drivers: dict[Backend, object] = attrs.field(factory=dict, init=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
-        if not (1 <= self.k and 0 <= self.m and self.k + self.m <= 32):
+        if self.k < 1 or self.m < 0 or self.k + self.m > 32:
             raise ValueError(f"k={self.k}, m={self.m}: need k >= 1, m >= 0, k+m <= 32")
 
     @property
@@ -329,32 +337,57 @@ class ErasureCode:
         chosen = [bytes(by_index[i].payload) for i in sorted(by_index)[: first.k]]
         try:
             data = driver.decode(chosen)  # type: ignore[attr-defined]
-        except Exception as exc:  # noqa: BLE001 -- pyeclib's error types are not one hierarchy
+        except ECDriverError as exc:
             raise CodecError(f"pyeclib decode: {exc}") from exc
         if len(data) != first.value_len:
             raise CodecError(f"decoded {len(data)} bytes, expected {first.value_len}")
         dest[:] = data
 
+    def decode_bytes(self, fragments: Sequence[Fragment]) -> bytes:
+        """The value of ``fragments`` as ``bytes`` (one copy: the data parts joined)."""
+        first = fragments[0].header
+        if first.scheme is Scheme.REPLICA:
+            return bytes(fragments[0].payload)
+        parts = self._data_parts({f.index: f for f in fragments}, first)
+        if parts is not None:
+            return b"".join(parts)
+        buf = bytearray(first.value_len)
+        self.decode_into(fragments, memoryview(buf))
+        return bytes(buf)
+
     @staticmethod
-    def _copy_data_fragments(
-        by_index: dict[int, Fragment], first: FragmentHeader, dest: memoryview
-    ) -> bool:
+    def _data_parts(
+        by_index: dict[int, Fragment], first: FragmentHeader
+    ) -> list[memoryview] | None:
         """Systematic RS: with fragments 0..k-1 at hand the value is their data, in order."""
         if any(i not in by_index for i in range(first.k)):
-            return False
+            return None
+        parts = []
         pos = 0
         for i in range(first.k):
             payload = by_index[i].payload
             if len(payload) < _PYECLIB_HEADER:
-                return False
+                return None
             index, chunk = _PYECLIB_META.unpack_from(payload)
             if index != i or len(payload) != _PYECLIB_HEADER + chunk:
-                return False  # not the layout this shortcut knows: let pyeclib decode
-            take = min(chunk, first.value_len - pos)
-            if take > 0:
-                dest[pos : pos + take] = payload[_PYECLIB_HEADER : _PYECLIB_HEADER + take]
-                pos += take
-        return pos == first.value_len
+                return None  # not the layout this shortcut knows: let pyeclib decode
+            take = max(0, min(chunk, first.value_len - pos))
+            parts.append(payload[_PYECLIB_HEADER : _PYECLIB_HEADER + take])
+            pos += take
+        return parts if pos == first.value_len else None
+
+    @classmethod
+    def _copy_data_fragments(
+        cls, by_index: dict[int, Fragment], first: FragmentHeader, dest: memoryview
+    ) -> bool:
+        parts = cls._data_parts(by_index, first)
+        if parts is None:
+            return False
+        pos = 0
+        for part in parts:
+            dest[pos : pos + len(part)] = part
+            pos += len(part)
+        return True
 
     def reconstruct(self, fragments: Sequence[Fragment], missing: Sequence[int]) -> list[Fragment]:
         """Fragments ``missing`` (indices) rebuilt from at least k of the others."""
@@ -369,7 +402,7 @@ class ErasureCode:
         available = [bytes(f.payload) for f in fragments]
         try:
             rebuilt = driver.reconstruct(available, list(missing))  # type: ignore[attr-defined]
-        except Exception as exc:  # noqa: BLE001 -- as in decode_into
+        except ECDriverError as exc:
             raise CodecError(f"pyeclib reconstruct: {exc}") from exc
         packed_vh = first.value_header.pack()
         out = []
@@ -386,9 +419,9 @@ class ErasureCode:
 
 
 def _make_driver(backend: Backend, k: int, m: int) -> object:
-    from pyeclib.ec_iface import ECDriver
-
     try:
         return ECDriver(k=k, m=m, ec_type=backend.pyeclib_name)
-    except Exception as exc:  # noqa: BLE001 -- pyeclib raises several unrelated types here
-        raise CodecError(f"pyeclib cannot load {backend.pyeclib_name} (k={k}, m={m}): {exc}") from exc
+    except ECDriverError as exc:
+        raise CodecError(
+            f"pyeclib cannot load {backend.pyeclib_name} (k={k}, m={m}): {exc}"
+        ) from exc

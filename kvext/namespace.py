@@ -134,7 +134,7 @@ class KeyValueNamespace:
                 return await self._store(request, channel, fields)
             if opcode == KvOpcode.RETRIEVE:
                 key = self._key(fields)
-                value = self.engine.retrieve(key)
+                value = await self.engine.retrieve_async(key)
                 length = min(fields.size, len(value))
                 return CommandResult(dw0=len(value), data=[value[:length]] if length else ())
             if opcode == KvOpcode.EXIST:
@@ -142,7 +142,7 @@ class KeyValueNamespace:
                     raise _status(KvStatus.KEY_DOES_NOT_EXIST)
                 return CommandResult()
             if opcode == KvOpcode.DELETE:
-                existed = self.engine.delete(self._key(fields))
+                existed = await self.engine.delete_async(self._key(fields))
                 if not existed and self.error_on_delete_of_missing_key:
                     raise _status(KvStatus.KEY_DOES_NOT_EXIST)
                 return CommandResult()
@@ -151,6 +151,9 @@ class KeyValueNamespace:
                 limit = max(0, (fields.size - 4) // _ENTRY_MIN)
                 keys = self.engine.list_keys(start, limit)
                 return CommandResult(data=[encode_key_list(keys, fields.size)])
+            if opcode == KvOpcode.FLUSH:
+                await self.engine.flush()
+                return CommandResult()
         except EngineError as exc:
             raise CommandError(kv_status(exc.kv_status), str(exc)) from exc
         raise CommandError(
@@ -183,7 +186,7 @@ class KeyValueNamespace:
             value = self.engine.allocate(size)
             if size:
                 await channel.pull(request, value)
-        self.engine.store(
+        await self.engine.store_async(
             key,
             value,
             must_exist=StoreOption.MUST_EXIST in options,

@@ -24,6 +24,7 @@ MAX_KV_FORMATS = 16
 
 
 class KvOpcode(enum.IntEnum):
+    FLUSH = 0x00  # shared by every I/O command set: makes acknowledged Stores durable
     STORE = 0x01
     RETRIEVE = 0x02
     LIST = 0x06
@@ -362,4 +363,5 @@ KV_IO_COMMAND_EFFECTS: dict[int, int] = {
     KvOpcode.RETRIEVE: 0x1,  # CSUPP
     KvOpcode.LIST: 0x1,
     KvOpcode.EXIST: 0x1,
+    KvOpcode.FLUSH: 0x1,
 }

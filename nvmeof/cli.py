@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
+import signal
 import sys
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import anyio
 
@@ -17,6 +18,7 @@ DEFAULT_NQN = "nqn.2024-01.io.gpucache:kv0"
 DEFAULT_ADDRESS = "127.0.0.1:4420"
 
 log = logging.getLogger("gpucache")
+_T = TypeVar("_T")
 
 
 def _setup_logging(verbose: bool, *, client: bool) -> None:
@@ -46,10 +48,14 @@ def build_target(args: argparse.Namespace) -> Any:
     subsystem = Subsystem(
         nqn=args.nqn, allow_any_host=not args.allow_host, hosts=set(args.allow_host or ())
     )
-    engine = MemoryEngine(
-        EngineLimits(capacity_bytes=parse_size(args.capacity), max_value_length=max_value),
-        policy=args.eviction,
-    )
+    engine: Any
+    if getattr(args, "flash", None):
+        engine = _flash_engine(args, max_value)
+    else:
+        engine = MemoryEngine(
+            EngineLimits(capacity_bytes=parse_size(args.capacity), max_value_length=max_value),
+            policy=args.eviction,
+        )
     subsystem.add_namespace(KeyValueNamespace(engine, name="kv0"))
     _add_block_namespaces(subsystem, args)
     target.add_subsystem(subsystem)
@@ -76,37 +82,206 @@ def _add_block_namespaces(subsystem: Any, args: argparse.Namespace) -> None:
         log.info("namespace %d: aio bdev %s on %s (%s)", nsid, aio.name, filename, mode)
 
 
-async def _run_target(args: argparse.Namespace) -> None:
-    from nvmeof.initiator.controller import parse_address
-    from nvmeof.target.server import TargetServer
+async def _to_thread(func: Callable[[], _T]) -> _T:
+    return await anyio.to_thread.run_sync(func)
 
+
+def _flash_engine(args: argparse.Namespace, max_value: int) -> Any:
+    """A flash engine on ``--flash``, behind a DRAM tier of ``--dram`` bytes unless that is 0."""
+    from kvext.engine.base import EngineLimits
+    from kvext.engine.flash import FlashEngine
+    from kvext.engine.memory import MemoryEngine
+    from kvext.engine.tiered import TieredEngine
+
+    flash = FlashEngine.open(
+        args.flash,
+        max_value_length=max_value,
+        size=parse_size(args.flash_size) if args.flash_size else None,
+        format=args.flash_format,
+        offload=_to_thread,
+    )
+    dram = parse_size(args.dram)
+    if not dram:
+        return flash
+    limits = EngineLimits(capacity_bytes=dram, max_value_length=max_value)
+    return TieredEngine(MemoryEngine(limits, policy="lru"), flash)
+
+
+def _close_engines(target: Any) -> None:
+    # A flash engine checkpoints its index here, so the next start need not scan the device.
+    for subsystem in target.subsystems.values():
+        for namespace in subsystem.namespaces.values():
+            engine = getattr(namespace, "engine", None)
+            if engine is not None:
+                engine.close()
+
+
+async def _stop_on_signal(scope: anyio.CancelScope) -> None:
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            log.info("%s: shutting down", signal.Signals(signum).name)
+            scope.cancel()
+            return
+
+
+async def _run_target(args: argparse.Namespace) -> None:
+    if args.json is not None:
+        await _serve_target(args, None)  # bdevs, and their engines, close with the app
+        return
     target = build_target(args)
-    server = TargetServer(target, allow_digests=not args.no_digests)
-    listeners = [server.listen(*parse_address(a)) for a in args.listen or [DEFAULT_ADDRESS]]
-    async with anyio.create_task_group() as tg:
-        for listener in listeners:
-            await tg.start(functools.partial(server.serve_listener, listener))
-        log.info(
-            "serving %s: KV namespace 1, capacity %s, max value %s, eviction %s",
-            args.nqn,
-            format_size(parse_size(args.capacity)),
-            format_size(parse_size(args.max_value_size)),
-            args.eviction,
-        )
+    try:
+        await _serve_target(args, target)
+    finally:
+        _close_engines(target)
+
+
+async def _serve_target(args: argparse.Namespace, target: Any) -> None:
+    """Serve ``target`` (the default subsystem), or what ``--json`` configures when None; both
+    changed live over SPDK's JSON-RPC (``nvmeof.target.app``)."""
+    from kvext.rpc import register_kv_methods
+    from nvmeof.initiator.controller import parse_address
+    from nvmeof.target.app import TargetApp, core_methods
+    from nvmeof.target.config import apply_config, load_config_file
+    from nvmeof.target.rpc import DEFAULT_RPC_SOCKET, RpcSocketInUse
+    from nvmeof.target.subsystem import ListenAddress
+
+    config = load_config_file(args.json) if args.json is not None else None
+    methods = register_kv_methods(core_methods())
+    app = TargetApp(target, methods=methods, allow_digests=not args.no_digests)
+    server = app.server
+    addresses = [parse_address(a) for a in args.listen or ([] if config else [DEFAULT_ADDRESS])]
+    async with app.running():
+        tg = app.task_group
+        tg.start_soon(_stop_on_signal, tg.cancel_scope)
+        for host, port in addresses:
+            await app.listen(ListenAddress(traddr=host, trsvcid=str(port)), own=True)
+        discovery = _discovery_listener(server, addresses[0][0] if addresses else "127.0.0.1", args)
+        if discovery is not None:
+            await tg.start(functools.partial(server.serve_listener, discovery, discovery=True))
+        try:
+            await app.serve_rpc(args.rpc_socket or DEFAULT_RPC_SOCKET)
+        except RpcSocketInUse as exc:
+            if args.rpc_socket:
+                raise
+            log.warning("%s; no JSON-RPC server (give -r PATH for one)", exc.strerror)
+        if config is not None:
+            app.init_steps.append(functools.partial(apply_config, app, config))
+        else:
+            tcp = {"trtype": "TCP"}
+            create = functools.partial(app.call, "nvmf_create_transport", tcp, check_state=False)
+            app.init_steps.append(create)
+        if args.wait_for_rpc:
+            log.info("waiting for framework_start_init over JSON-RPC")
+            await app.wait_initialized()
+        else:
+            await app.start()
+        if config is None:
+            log.info(
+                "serving %s: KV namespace 1, capacity %s, max value %s, eviction %s",
+                args.nqn,
+                format_size(parse_size(args.capacity)),
+                format_size(parse_size(args.max_value_size)),
+                args.eviction,
+            )
         if args.ready_file:
-            addresses = " ".join(f"{lst.host}:{lst.port}" for lst in server.listeners)
-            await anyio.Path(args.ready_file).write_text(addresses + "\n")
+            addresses_text = " ".join(f"{lst.host}:{lst.port}" for lst in server.listeners)
+            await anyio.Path(args.ready_file).write_text(addresses_text + "\n")
+        await anyio.sleep_forever()
+
+
+def _discovery_listener(server: Any, host: str, args: argparse.Namespace) -> Any:
+    """The dedicated discovery port: 8009 by default (skipped with a warning when busy), or
+    ``--discovery-port`` (which must bind); none with ``--no-discovery``."""
+    from nvmeof.target.discovery import DEFAULT_DISCOVERY_PORT
+
+    if args.no_discovery:
+        return None
+    port = DEFAULT_DISCOVERY_PORT if args.discovery_port is None else args.discovery_port
+    try:
+        return server.listen(host, port)
+    except OSError as exc:
+        if args.discovery_port is not None:
+            raise
+        log.warning("no discovery port %s:%d (%s); discovery stays on the I/O ports", host, port,
+                    exc.strerror)  # fmt: skip
+        return None
+
+
+async def _run_discover(args: argparse.Namespace) -> int:
+    from nvmeof.initiator.discovery import discover
+    from nvmeof.spec.discovery import SubsystemType, TransportType
+
+    def name(enum_type: type[SubsystemType] | type[TransportType], value: int) -> str:
+        try:
+            return enum_type(value).name.lower().replace("_", " ")
+        except ValueError:
+            return str(value)
+
+    entries = await discover(
+        args.address,
+        hostnqn=args.hostnqn,
+        header_digest=args.header_digest,
+        data_digest=args.data_digest,
+        timeout=args.timeout,
+    )
+    if args.json:
+        import json
+
+        records = [
+            {
+                "trtype": name(TransportType, e.trtype),
+                "adrfam": e.adrfam,
+                "subtype": name(SubsystemType, e.subtype),
+                "treq": e.treq,
+                "portid": e.portid,
+                "trsvcid": e.trsvcid,
+                "subnqn": e.subnqn,
+                "traddr": e.traddr,
+            }
+            for e in entries
+        ]
+        print(json.dumps({"records": records}, indent=2))
+        return 0
+    for i, e in enumerate(entries):
+        print(f"=====Discovery Log Entry {i}======")
+        print(f"trtype:  {name(TransportType, e.trtype)}")
+        print(f"subtype: {name(SubsystemType, e.subtype)}")
+        print(f"portid:  {e.portid}")
+        print(f"trsvcid: {e.trsvcid}")
+        print(f"subnqn:  {e.subnqn}")
+        print(f"traddr:  {e.traddr}")
+    return 0
+
+
+def cmd_discover(args: argparse.Namespace) -> int:
+    from nvmeof.errors import NvmeofError
+
+    try:
+        return int(anyio.run(_run_discover, args, **_backend_options(args.backend)))
+    except (NvmeofError, OSError, TimeoutError) as exc:
+        log.error("discover failed: %s", exc)
+        return 1
 
 
 def cmd_target(args: argparse.Namespace) -> int:
+    from kvext.engine.flash import FlashOpenError
+
     try:
         anyio.run(_run_target, args, **_backend_options(args.backend))
     except KeyboardInterrupt:
         pass
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, FlashOpenError) as exc:
         log.error("cannot start the target: %s", exc)
         return 1
     return 0
+
+
+def cmd_check_flash(args: argparse.Namespace) -> int:
+    from kvext.engine.check import check
+
+    report = check(args.path, fix=args.fix)
+    print(report.summary())
+    return 0 if report.ok else 1
 
 
 # --- client commands --------------------------------------------------------------------------
@@ -172,6 +347,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return bench_main(args)
 
 
+def cmd_sim(args: argparse.Namespace) -> int:
+    from simulator.cli import main as sim_main
+
+    return sim_main(args)
+
+
+def cmd_cluster(args: argparse.Namespace) -> int:
+    from ec.cli import main as cluster_main
+
+    return cluster_main(args)
+
+
 # --- parser -----------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gpucache", description=__doc__)
@@ -210,7 +397,51 @@ def build_parser() -> argparse.ArgumentParser:
         "--block-size", type=int, choices=[512, 4096], default=512, help="of --malloc/--aio"
     )
     target.add_argument("--ready-file", help="write the listening addresses here once serving")
+    target.add_argument(
+        "-c",
+        "--json",
+        metavar="FILE",
+        help="configure from an SPDK JSON config (save_config's output) instead of the default"
+        " KV subsystem; listen only where it says, plus any --listen",
+    )
+    target.add_argument(
+        "-r",
+        "--rpc-socket",
+        metavar="PATH",
+        help="SPDK JSON-RPC Unix socket (default /var/tmp/spdk.sock, skipped when another"
+        " target holds it)",
+    )
+    target.add_argument(
+        "--wait-for-rpc",
+        action="store_true",
+        help="apply --json and start only on the framework_start_init RPC",
+    )
+    target.add_argument(
+        "--discovery-port",
+        type=int,
+        help="discovery service port on the first listener's host (default 8009, skipped if busy)",
+    )
+    target.add_argument("--no-discovery", action="store_true", help="no dedicated discovery port")
+    target.add_argument(
+        "--flash", metavar="PATH", help="serve the KV namespace from this file or block device"
+    )
+    target.add_argument(
+        "--flash-size", metavar="SIZE", help="create (or grow) the --flash file to this size"
+    )
+    target.add_argument(
+        "--flash-format",
+        action="store_true",
+        help="allow formatting a --flash device that holds something else (destroys it)",
+    )
+    target.add_argument("--dram", default="1GiB", help="DRAM tier in front of --flash (0: none)")
     target.set_defaults(func=cmd_target)
+
+    check_flash = sub.add_parser("check-flash", help="verify a flash device's records")
+    check_flash.add_argument("path")
+    check_flash.add_argument(
+        "--fix", action="store_true", help="rewrite the index checkpoint from what is intact"
+    )
+    check_flash.set_defaults(func=cmd_check_flash)
 
     def client_parser(name: str, help_text: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text)
@@ -229,18 +460,40 @@ def build_parser() -> argparse.ArgumentParser:
     client_parser("delete", "delete a key").add_argument("key")
     client_parser("list", "list keys").add_argument("--max-keys", type=int, default=1000)
 
+    disc = sub.add_parser("discover", help="list the subsystems a discovery service offers")
+    disc.add_argument("-a", "--address", default="127.0.0.1:8009", help="discovery host[:port]")
+    disc.add_argument("--hostnqn", help="host NQN (default: /etc/nvme/hostnqn or derived)")
+    disc.add_argument("--header-digest", action="store_true")
+    disc.add_argument("--data-digest", action="store_true")
+    disc.add_argument("--timeout", type=float, default=10.0, help="seconds per command")
+    disc.add_argument("--json", action="store_true", help="print JSON (as nvme-cli -o json)")
+    disc.set_defaults(func=cmd_discover)
+
     bench = sub.add_parser("bench", help="measure put/get throughput and latency on loopback")
     from bench.kv_throughput import add_arguments
 
     add_arguments(bench)
     bench.set_defaults(func=cmd_bench)
+
+    cluster = sub.add_parser("cluster", help="erasure-coded KV across the targets of a map")
+    from ec.cli import add_arguments as add_cluster_arguments
+
+    add_cluster_arguments(cluster)
+    cluster.set_defaults(func=cmd_cluster)
+
+    sim = sub.add_parser("sim", help="simulate a fleet: does a flash tier beat recomputing?")
+    from simulator.cli import add_arguments as add_sim_arguments
+
+    add_sim_arguments(sim)
+    sim.set_defaults(func=cmd_sim)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    _setup_logging(args.verbose, client=args.command in ("put", "get", "exists", "delete", "list"))
+    client = ("put", "get", "exists", "delete", "list", "discover")
+    _setup_logging(args.verbose, client=args.command in client)
     return int(args.func(args))
 
 

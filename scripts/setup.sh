@@ -33,3 +33,28 @@ if [ "${1:-}" = "--with-tshark" ]; then
         $SUDO apt-get install -y -qq $missing >/dev/null
     fi
 fi
+
+# LMCache lives in a venv of its own: it pins numpy<=2.2.6 and setuptools<81 and pulls CUDA
+# Python packages that the project's venv must not get. torch stays pinned to the CPU build on disk.
+for arg in "$@"; do
+    if [ "$arg" = "--with-lmcache" ] && [ ! -x .venv-lmcache/bin/python ]; then
+        "$PYTHON" -m venv .venv-lmcache
+        echo 'torch==2.13.0' >.venv-lmcache/constraints.txt
+        if ! { .venv-lmcache/bin/pip install -q --disable-pip-version-check \
+                -c .venv-lmcache/constraints.txt torch==2.13.0 lmcache==0.5.6 &&
+            .venv-lmcache/bin/pip install -q --disable-pip-version-check \
+                -c .venv-lmcache/constraints.txt -e '.[ec]'; } >.venv-lmcache/pip.log 2>&1; then
+            cat .venv-lmcache/pip.log
+            rm -rf .venv-lmcache
+            exit 1
+        fi
+    fi
+done
+
+# The interop lab's guest (tools/lab: Debian bookworm + Linux 6.12 for QEMU), built once per machine
+# and cached outside the checkout (/var/cache/gpucache-lab); the lab tests need it.
+for arg in "$@"; do
+    if [ "$arg" = "--with-lab" ]; then
+        tools/lab/build-image.sh >/dev/null
+    fi
+done

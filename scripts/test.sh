@@ -2,7 +2,7 @@
 # Sets up everything the suite needs, then runs lint, types and the whole test suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/setup.sh --with-tshark
+scripts/setup.sh --with-tshark --with-lmcache --with-lab
 
 echo "== ruff"
 .venv/bin/ruff check .

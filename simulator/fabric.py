@@ -4,7 +4,9 @@ A ``Link`` joins two nodes; each direction is one FIFO serialiser: a transfer of
 starts when the direction is free, holds it for ``n / bandwidth`` seconds and arrives ``latency``
 seconds after it has left (plus, on a seeded draw, a retransmission timeout for a lost segment, and
 whatever a route hook adds). Every connection between the two nodes shares those serialisers, so
-concurrent transfers queue behind each other, as on a real NIC.
+concurrent transfers queue behind each other; a node may also have a NIC bandwidth (``Node.nic``)
+that all its links share: a transfer passes the link, the sender's transmit side and the
+receiver's receive side, each a FIFO at its own bandwidth, and is through when the slowest is.
 
 Faults: ``Link.cut()`` breaks every connection on the link (both ends get ``ConnectionLost``) and
 refuses new ones until ``restore()``; ``stall()`` stops delivery (bytes queue up, senders block on
@@ -94,8 +96,18 @@ class Direction:
     def schedule(self, now: float, size: int, extra_delay: float = 0.0) -> float:
         """Reserve the wire for ``size`` bytes sent at ``now``; the time they arrive."""
         spec = self.link.spec
-        start = max(now, self.free_at)
-        self.free_at = start + spec.transfer_time(size)
+        src, dst = self.link.fabric.nodes[self.src], self.link.fabric.nodes[self.dst]
+        # The link, the sender's NIC (transmit side) and the receiver's NIC (receive side) are
+        # three FIFOs the bytes pass at once (cut-through); the slowest decides when they are
+        # through.
+        self.free_at = max(now, self.free_at) + size / spec.bandwidth
+        end = self.free_at
+        if src.nic != float("inf"):
+            src.tx_free_at = max(now, src.tx_free_at) + size / src.nic
+            end = max(end, src.tx_free_at)
+        if dst.nic != float("inf"):
+            dst.rx_free_at = max(now, dst.rx_free_at) + size / dst.nic
+            end = max(end, dst.rx_free_at)
         self.bytes_sent += size
         delay = spec.latency + extra_delay
         rng = self.link.rng
@@ -103,7 +115,7 @@ class Direction:
             delay += spec.rto
         if spec.jitter:
             delay += rng.uniform(0.0, spec.jitter)
-        return self.free_at + delay
+        return end + delay
 
 
 class Link:
@@ -183,6 +195,9 @@ class Node:
         self.name = name
         self.up = True
         self.generation = 0  # restarts so far
+        self.nic = float("inf")  # bytes/s each way, shared by all of the node's links
+        self.tx_free_at = 0.0
+        self.rx_free_at = 0.0
         self._watchers: list[Callable[[], None]] = []
 
     def watch(self, callback: Callable[[], None]) -> None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 import anyio
@@ -28,7 +28,7 @@ import anyio.abc
 import attrs
 
 from nvmeof.errors import ConnectionLost
-from nvmeof.transport.base import Buffer, ByteStream
+from nvmeof.transport.base import Buffer, ByteStream, HostConnector
 from simulator.fabric import Direction, Fabric, Link, LinkState, Segment
 
 log = logging.getLogger("simulator.stream")
@@ -256,7 +256,7 @@ class SimNetwork:
             self.listeners.pop((listener.node, listener.port), None)
             listener._changed.fire()
 
-    def connector(self, node: str) -> Callable[[str, int], Awaitable[ByteStream]]:
+    def connector(self, node: str) -> HostConnector:
         """A ``HostConnector`` for the initiator on ``node``: ``connector=net.connector("h0")``."""
 
         async def connect(host: str, port: int) -> ByteStream:

@@ -8,9 +8,9 @@ keeps the old bytes even after an overwrite or eviction.
 
 Operations that may touch a disk are coroutines (``store_async``, ``retrieve_async``,
 ``delete_async``, ``flush``): a flash engine runs its I/O in worker threads through an injected
-``Offload`` (this package may not import an event loop library), while the DRAM engine answers them
-at once from its synchronous methods. Index-only operations (``exists``, ``list_keys``, ``allocate``)
-stay synchronous: every engine keeps its index in memory.
+``Offload`` (this package may not import an event loop library), while the DRAM engine answers
+them at once from its synchronous methods. Index-only operations (``exists``, ``list_keys``,
+``allocate``) stay synchronous: every engine keeps its index in memory.
 """
 
 from __future__ import annotations

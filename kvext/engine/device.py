@@ -44,7 +44,9 @@ class BlockDevice:
         self.block_device = block_device
 
     @classmethod
-    def open(cls, path: str, *, create_size: int | None = None, direct: bool | None = None) -> BlockDevice:
+    def open(
+        cls, path: str, *, create_size: int | None = None, direct: bool | None = None
+    ) -> BlockDevice:
         """Open ``path`` read-write; create (or grow) a regular file to ``create_size``.
 
         ``direct``: None tries O_DIRECT and falls back; False forces buffered I/O.

@@ -56,13 +56,15 @@ def encode_checkpoint(checkpoint: Checkpoint, out: memoryview) -> int:
     struct.pack_into(f"<{regions}Q", body, 0, *checkpoint.generations)
     pos = regions * 8
     for key, e in checkpoint.entries.items():
-        _ENTRY.pack_into(body, pos, len(key), key, e.region, e.offset, e.record_len, e.value_len, e.seq)
+        _ENTRY.pack_into(
+            body, pos, len(key), key, e.region, e.offset, e.record_len, e.value_len, e.seq
+        )
         pos += _ENTRY.size
     head = _HEAD.pack(
         CHECKPOINT_MAGIC, 1, len(checkpoint.entries), checkpoint.next_seq, regions, body_len,
         crc32c.crc32c(body),
     )  # fmt: skip
-    out[: ALIGN] = bytes(ALIGN)
+    out[:ALIGN] = bytes(ALIGN)
     out[: _HEAD.size] = head
     struct.pack_into("<I", out, _HEAD.size, crc32c.crc32c(head))
     return total
@@ -78,9 +80,13 @@ def _read_head(head: memoryview) -> tuple[bytes, int, int, int, int, int, int] |
     raw = bytes(head[: _HEAD.size + 4])
     fields = _HEAD.unpack_from(raw)
     (stored,) = struct.unpack_from("<I", raw, _HEAD.size)
-    if fields[0] != CHECKPOINT_MAGIC or fields[1] != 1 or crc32c.crc32c(raw[: _HEAD.size]) != stored:
+    if (
+        fields[0] != CHECKPOINT_MAGIC
+        or fields[1] != 1
+        or crc32c.crc32c(raw[: _HEAD.size]) != stored
+    ):
         return None
-    return fields  # type: ignore[no-any-return]
+    return fields
 
 
 def decode_checkpoint(buf: memoryview, region_count: int) -> Checkpoint | None:

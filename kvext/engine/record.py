@@ -1,4 +1,4 @@
-"""The on-flash record: one value (or a Delete's tombstone) with the header that finds and checks it.
+"""The on-flash record: a value (or a Delete's tombstone) with the header that finds and checks it.
 
 Layout, little-endian, starting on an ``ALIGN`` boundary of the device::
 

@@ -80,7 +80,9 @@ class Superblock:
 
 def region_size_for(max_value_length: int) -> int:
     """The default region size: 16 MiB, or enough for the largest record rounded up to 1 MiB."""
-    return max(DEFAULT_REGION_SIZE, align_up(REGION_HEADER_SIZE + record_length(max_value_length), 1 << 20))
+    return max(
+        DEFAULT_REGION_SIZE, align_up(REGION_HEADER_SIZE + record_length(max_value_length), 1 << 20)
+    )
 
 
 def checkpoint_size(region_count: int, region_size: int) -> int:
@@ -134,8 +136,8 @@ class WriteGate:
     are still running (a slow write could land on top of the recycled region's new records), and
     the region's header for g must be on the device before any record of g (a record in a region
     whose header says another generation is ignored on restart, so it would be lost although its
-    Store was acknowledged). ``begin`` is called on the event loop when the space is reserved, so the
-    gate knows of a write before any later generation's writer can look.
+    Store was acknowledged). ``begin`` is called on the event loop when the space is reserved, so
+    the gate knows of a write before any later generation's writer can look.
     """
 
     def __init__(self) -> None:

@@ -7,7 +7,9 @@ but the last); the header again, and a retry if the generation counter moved mea
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import AsyncIterator
 
 import anyio
 
@@ -37,7 +39,14 @@ DISCOVERY_PORT = 8009
 LOG_CHUNK = 4096
 MAX_RETRIES = 10
 
-__all__ = ["DISCOVERY_PORT", "DiscoveryEntry", "discover", "parse_discovery_address"]
+__all__ = [
+    "DISCOVERY_PORT",
+    "DiscoveryEntry",
+    "discover",
+    "discovery_controller",
+    "parse_discovery_address",
+    "read_discovery_log",
+]
 
 
 def parse_discovery_address(address: str | tuple[str, int]) -> tuple[str, int]:
@@ -96,7 +105,8 @@ async def read_discovery_log(ctrl: Controller) -> tuple[DiscoveryLogHeader, list
     raise NvmeofError(f"discovery log kept changing over {MAX_RETRIES} reads")
 
 
-async def discover(
+@contextlib.asynccontextmanager
+async def discovery_controller(
     address: str | tuple[str, int],
     *,
     hostnqn: str | None = None,
@@ -105,9 +115,8 @@ async def discover(
     data_digest: bool = False,
     timeout: float = 10.0,
     connector: HostConnector = open_tcp,
-) -> list[DiscoveryEntry]:
-    """Connect to the discovery controller at ``address`` (port 8009 unless given), read the
-    discovery log, disconnect; the entries say which subsystems this host may connect to where."""
+) -> AsyncIterator[Controller]:
+    """A connected, enabled discovery controller (admin queue only, KATO 0), shut down on exit."""
     host, port = parse_discovery_address(address)
     default_nqn, default_id = default_host_identity()
     options = ConnectOptions(
@@ -130,19 +139,44 @@ async def discover(
         with anyio.fail_after(timeout):
             await ctrl._enable()
             await ctrl._identify()
-            if ctrl.identify is not None and ctrl.identify.cntrltype not in (
-                0,
-                ControllerType.DISCOVERY,
-            ):
-                log.warning(
-                    "%s:%d: controller type %d is not a discovery controller",
-                    host, port, ctrl.identify.cntrltype,
-                )  # fmt: skip
-            _, entries = await read_discovery_log(ctrl)
+        if ctrl.identify is not None and ctrl.identify.cntrltype not in (
+            0,
+            ControllerType.DISCOVERY,
+        ):
+            log.warning(
+                "%s:%d: controller type %d is not a discovery controller",
+                host, port, ctrl.identify.cntrltype,
+            )  # fmt: skip
+        yield ctrl
     except BaseException:
         with anyio.CancelScope(shield=True):
             await ctrl.close(shutdown=False)
         raise
     with anyio.CancelScope(shield=True):
         await ctrl.close()
+
+
+async def discover(
+    address: str | tuple[str, int],
+    *,
+    hostnqn: str | None = None,
+    hostid: bytes | None = None,
+    header_digest: bool = False,
+    data_digest: bool = False,
+    timeout: float = 10.0,
+    connector: HostConnector = open_tcp,
+) -> list[DiscoveryEntry]:
+    """Connect to the discovery controller at ``address`` (port 8009 unless given), read the
+    discovery log, disconnect; the entries say which subsystems this host may connect to where."""
+    async with discovery_controller(
+        address,
+        hostnqn=hostnqn,
+        hostid=hostid,
+        header_digest=header_digest,
+        data_digest=data_digest,
+        timeout=timeout,
+        connector=connector,
+    ) as ctrl:
+        with anyio.fail_after(timeout):
+            _, entries = await read_discovery_log(ctrl)
     return entries

@@ -7,7 +7,7 @@ import struct
 
 import attrs
 
-from nvmeof.spec.command import AdminOpcode, Command
+from nvmeof.spec.command import PSDT_SGL, AdminOpcode, Command
 from nvmeof.spec.sgl import SglDescriptor, SglIdentifier
 
 
@@ -41,7 +41,9 @@ CONNECT_DATA_IN_CAPSULE = SglDescriptor(
     length=CONNECT_DATA_SIZE, identifier=SglIdentifier.DATA_BLOCK_OFFSET
 )
 
-_FABRICS_FLAGS = 0  # byte 1 is reserved for opcode 0x7F
+# Byte 1 is reserved for opcode 0x7F in the spec, but Linux nvmet (nvmet_req_init) fails every
+# command whose PSDT is not 01b (SGL) with Invalid Field, Connect included; Linux hosts send 0x40.
+_FABRICS_FLAGS = PSDT_SGL
 
 
 class ConnectDataError(ValueError):

@@ -27,7 +27,6 @@ from nvmeof.transport.base import Buffer, ControllerChannel, Request
 log = logging.getLogger("nvmeof.target.block")
 
 NVM_CSI = 0
-MAX_DSM_RANGES = 256
 DSM_RANGE_SIZE = 16
 _DSM_RANGE = struct.Struct("<IIQ")  # context attributes, length in LBAs (1-based), SLBA
 

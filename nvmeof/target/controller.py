@@ -49,7 +49,7 @@ from nvmeof.target.namespace import CommandResult
 
 if TYPE_CHECKING:
     from nvmeof.target.namespace import Namespace
-    from nvmeof.target.subsystem import Subsystem, TargetLimits
+    from nvmeof.target.subsystem import ListenAddress, Subsystem, TargetLimits
     from nvmeof.transport.base import Request
 
 log = logging.getLogger("nvmeof.target.controller")
@@ -57,6 +57,14 @@ log = logging.getLogger("nvmeof.target.controller")
 FIRMWARE_REVISION = "0.1.0"
 IDENTIFY_SIZE = 4096
 NSID_BROADCAST = 0xFFFFFFFF
+
+# Asynchronous events: Async Event Configuration bit 8 and OAES bit 8 (Namespace Attribute
+# Notices); the event's DW0 (type 2 = notice, info 0x00 = namespace attribute changed, log page
+# 0x04); the Changed Namespace List holds at most 1024 NSIDs, else FFFFFFFFh alone.
+AEC_NAMESPACE_ATTRIBUTE_NOTICES = 1 << 8
+OAES_NAMESPACE_ATTRIBUTE_NOTICES = 1 << 8
+NAMESPACE_ATTRIBUTE_CHANGED_EVENT = 0x2 | 0x00 << 8 | LogPageId.CHANGED_NAMESPACES << 16
+CHANGED_NAMESPACE_LIST_MAX = 1024
 
 # CAP.CSS bits (relative to bit 37): NVM command set, and "one or more I/O command sets".
 _CSS_NVM = 1 << 0
@@ -107,7 +115,13 @@ class Controller:
         self.granted_io_queues = 0
         self.io_queues: set[int] = set()
         self.async_event_config = 0
-        self.pending_async_events: list[Request] = []
+        self.pending_async_events: list[Request] = []  # held AERs, oldest first
+        # Called to complete a held AER with a DW0; set by the admin queue's session.
+        self.async_event_sink: Callable[[Request, int], None] | None = None
+        self._queued_events: list[int] = []  # events waiting for an AER
+        self._changed_nsids: list[int] = []
+        self._namespace_notice_masked = False  # until the host reads log page 0x04
+        self.listen_address: ListenAddress | None = None  # where the host connected
         self._last_keep_alive = now
         self.closers: list[Callable[[], object]] = []
         self.log = logging.LoggerAdapter(log, {"cntlid": cntlid})
@@ -212,6 +226,7 @@ class Controller:
                     )
                 )
             self.pending_async_events.append(request)
+            self._deliver_async_events()
             return None
         if opcode == AdminOpcode.ABORT:
             # Commands run to completion quickly; like Linux nvmet, report "not aborted".
@@ -301,6 +316,7 @@ class Controller:
             ctratt=0x1,
             cntrltype=ControllerType.IO,
             acl=3,
+            oaes=OAES_NAMESPACE_ATTRIBUTE_NOTICES,
             aerl=limits.max_async_events - 1,
             lpa=0x2 | 0x4,
             kas=max(1, limits.keep_alive_granularity_ms // 100),
@@ -391,7 +407,7 @@ class Controller:
         elif lid in (LogPageId.SMART, LogPageId.FIRMWARE_SLOT):
             page = bytes(512)
         elif lid == LogPageId.CHANGED_NAMESPACES:
-            page = bytes(4096)
+            page = self._changed_namespace_list(clear=not params.rae)
         else:
             raise CommandError(
                 Status.command_specific(CommandSpecificStatus.INVALID_LOG_PAGE),
@@ -401,6 +417,39 @@ class Controller:
             raise invalid_field("log page offset beyond the page")
         chunk = page[params.offset : params.offset + params.length]
         return chunk + bytes(params.length - len(chunk))
+
+    # --- asynchronous events ----------------------------------------------------------------
+    def namespace_changed(self, nsid: int) -> None:
+        """A namespace was attached or detached: record it for log page 0x04 and, if the host
+        enabled Namespace Attribute Notices, raise the event (masked until the log is read)."""
+        if nsid not in self._changed_nsids and len(self._changed_nsids) <= (
+            CHANGED_NAMESPACE_LIST_MAX
+        ):
+            self._changed_nsids.append(nsid)
+        if not self.async_event_config & AEC_NAMESPACE_ATTRIBUTE_NOTICES:
+            return
+        if self._namespace_notice_masked:
+            return
+        self._namespace_notice_masked = True
+        self._queued_events.append(NAMESPACE_ATTRIBUTE_CHANGED_EVENT)
+        self._deliver_async_events()
+
+    def _deliver_async_events(self) -> None:
+        sink = self.async_event_sink
+        while sink is not None and self._queued_events and self.pending_async_events:
+            request = self.pending_async_events.pop(0)
+            dw0 = self._queued_events.pop(0)
+            self.log.info("[%d] async event 0x%08x", self.cntlid, dw0)
+            sink(request, dw0)
+
+    def _changed_namespace_list(self, *, clear: bool) -> bytes:
+        nsids = sorted(self._changed_nsids)
+        if len(nsids) > CHANGED_NAMESPACE_LIST_MAX:
+            nsids = [NSID_BROADCAST]
+        if clear:
+            self._changed_nsids.clear()
+            self._namespace_notice_masked = False
+        return pack_namespace_list(nsids)
 
     def close(self) -> None:
         for closer in self.closers:

@@ -30,7 +30,7 @@ from nvmeof.spec.status import FabricsStatus, GenericStatus, Status
 from nvmeof.target.controller import Controller, invalid_field
 from nvmeof.target.discovery import controller_factory
 from nvmeof.target.namespace import CommandResult
-from nvmeof.target.subsystem import Target
+from nvmeof.target.subsystem import ListenAddress, Target
 from nvmeof.transport.base import Buffer, ControllerChannel, Request
 
 log = logging.getLogger("nvmeof.target.queue")
@@ -70,11 +70,17 @@ class QueueSession:
     """The target side of one queue: which controller and QID it belongs to, once connected."""
 
     def __init__(
-        self, target: Target, channel: ControllerChannel, task_group: anyio.abc.TaskGroup
+        self,
+        target: Target,
+        channel: ControllerChannel,
+        task_group: anyio.abc.TaskGroup,
+        *,
+        listen_address: ListenAddress | None = None,
     ) -> None:
         self.target = target
         self.channel = channel
         self.task_group = task_group
+        self.listen_address = listen_address  # the listener this connection came in through
         self.controller: Controller | None = None
         self.qid = 0
         self.sqsize = 0
@@ -233,6 +239,16 @@ class QueueSession:
                 Status.command_specific(FabricsStatus.CONNECT_INVALID_HOST),
                 f"host {data.hostnqn} may not connect to {data.subnqn}",
             )
+        if not subsystem.listener_allowed(self.listen_address):
+            # As SPDK: "does not allow host ... to connect at this address" (Invalid Host).
+            self.log.warning(
+                "connect from %s to %s through unlisted address %s refused",
+                data.hostnqn, data.subnqn, self.listen_address,
+            )  # fmt: skip
+            raise CommandError(
+                Status.command_specific(FabricsStatus.CONNECT_INVALID_HOST),
+                f"{data.subnqn} does not listen on {self.listen_address}",
+            )
         now = anyio.current_time()
         if params.qid == 0:
             if data.cntlid != DYNAMIC_CNTLID:
@@ -249,6 +265,8 @@ class QueueSession:
                 now=now,
             )
             subsystem.controllers[controller.cntlid] = controller
+            controller.listen_address = self.listen_address
+            controller.async_event_sink = self._complete_async_event
             controller.closers.append(self._close_soon)
             self.task_group.start_soon(self._watch_keep_alive, controller)
             self.log.info(
@@ -284,6 +302,11 @@ class QueueSession:
         self.sq_flow_control_disabled = params.sq_flow_control_disabled
         self._slots = anyio.Semaphore(params.sqsize + 1)
         return CommandResult(dw0=controller.cntlid)
+
+    def _complete_async_event(self, request: Request, dw0: int) -> None:
+        """Complete a held Async Event Request (the controller chose it and its DW0)."""
+        completion = self._completion(request.command.cid, Status(), dw0, 0)
+        self.task_group.start_soon(self.channel.complete, request, completion)
 
     def _close_soon(self) -> None:
         self.task_group.start_soon(self.channel.aclose)

@@ -332,9 +332,7 @@ async def _answer_one(request: object, dispatch: Dispatch) -> dict[str, object] 
         reply = error_response(request_id, exc)
     except Exception:
         log.exception("rpc %s crashed", method)
-        reply = error_response(
-            request_id, RpcError(RpcErrorCode.INTERNAL_ERROR, "Internal error")
-        )
+        reply = error_response(request_id, RpcError(RpcErrorCode.INTERNAL_ERROR, "Internal error"))
     else:
         reply = response(request_id, result)
     return reply if "id" in request else None

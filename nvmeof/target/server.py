@@ -47,11 +47,15 @@ class TargetServer:
         listener: TcpListener,
         *,
         discovery: bool = False,
+        address: ListenAddress | None = None,
         task_status: anyio.abc.TaskStatus[tuple[str, int]] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
-        """``discovery``: a dedicated discovery port (8009), not listed as an I/O port."""
+        """``discovery``: a dedicated discovery port (8009), not listed as an I/O port.
+        ``address``: how subsystems name this listener (default: its bound host and port);
+        each connection's session carries it, so a subsystem can refuse unlisted addresses."""
         self.listeners.append(listener)
-        address = ListenAddress(traddr=listener.host, trsvcid=str(listener.port))
+        if address is None:
+            address = ListenAddress(traddr=listener.host, trsvcid=str(listener.port))
         ports = self.target.discovery_addresses if discovery else self.target.listen_addresses
         ports.append(address)
         log.info("listening on %s:%d (NVMe/TCP)", listener.host, listener.port)
@@ -60,15 +64,18 @@ class TargetServer:
                 task_status.started((listener.host, listener.port))
                 while True:
                     sock = await listener.accept()
-                    tg.start_soon(self.handle_connection, sock)
+                    tg.start_soon(self.handle_connection, sock, address)
         finally:
             self.listeners.remove(listener)
             ports.remove(address)
             with anyio.CancelScope(shield=True):
                 await listener.aclose()
 
-    async def handle_connection(self, sock: ByteStream) -> None:
-        """Serve one queue's connection (any byte stream: TCP, or the simulator's)."""
+    async def handle_connection(
+        self, sock: ByteStream, address: ListenAddress | None = None
+    ) -> None:
+        """Serve one queue's connection (any byte stream: TCP, or the simulator's) that came in
+        through the listener ``address``."""
         self.connections += 1
         channel = TcpControllerChannel(
             sock,
@@ -78,7 +85,7 @@ class TargetServer:
         log.debug("connection from %s", sock.peer)
         try:
             async with anyio.create_task_group() as tg:
-                session = QueueSession(self.target, channel, tg)
+                session = QueueSession(self.target, channel, tg, listen_address=address)
                 channel.on_digest_error = session.on_digest_error
                 try:
                     await channel.run(session.on_request)

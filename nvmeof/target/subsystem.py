@@ -45,9 +45,19 @@ class Subsystem:
     controllers: dict[int, Controller] = attrs.Factory(dict)
     # Empty: reachable on every listener of the target (the CLI's single-subsystem default).
     listeners: list[ListenAddress] = attrs.Factory(list)
+    min_cntlid: int = 1
+    max_cntlid: int = MAX_CNTLID
 
     def host_allowed(self, hostnqn: str) -> bool:
         return self.allow_any_host or hostnqn in self.hosts
+
+    def listener_allowed(self, address: ListenAddress | None) -> bool:
+        """May a host connect through ``address`` (None: not through a listener)?"""
+        return not self.listeners or address in self.listeners
+
+    def _namespace_changed(self, nsid: int) -> None:
+        for controller in list(self.controllers.values()):
+            controller.namespace_changed(nsid)
 
     def add_namespace(self, namespace: Namespace, nsid: int | None = None) -> int:
         if nsid is None or nsid == 0:
@@ -62,10 +72,13 @@ class Subsystem:
         namespace.nsid = nsid
         self.namespaces[nsid] = namespace
         log.info("%s: namespace %d added (csi %d)", self.nqn, nsid, namespace.csi)
+        self._namespace_changed(nsid)
         return nsid
 
     def remove_namespace(self, nsid: int) -> Namespace:
-        return self.namespaces.pop(nsid)
+        namespace = self.namespaces.pop(nsid)
+        self._namespace_changed(nsid)
+        return namespace
 
 
 def transfer_size_for(max_value_length: int) -> int:
@@ -114,6 +127,8 @@ class Target:
     def allocate_cntlid(self, subsystem: Subsystem) -> int:
         for _ in range(MAX_CNTLID):
             cntlid = next(self._cntlids)
-            if cntlid not in subsystem.controllers:
+            if cntlid in subsystem.controllers:
+                continue
+            if subsystem.min_cntlid <= cntlid <= subsystem.max_cntlid:
                 return cntlid
         raise RuntimeError("no free controller ID")

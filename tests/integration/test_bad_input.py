@@ -966,7 +966,7 @@ async def test_unknown_admin_opcode(opcode: int) -> None:
         assert_ok(await admin.execute(keep_alive_command()))
 
 
-@pytest.mark.parametrize("opcode", [0x00, 0x04, 0x81, 0x90, 0xFE])
+@pytest.mark.parametrize("opcode", [0x04, 0x08, 0x81, 0x90, 0xFE])  # 0x00 is Flush
 async def test_unknown_io_opcode(opcode: int) -> None:
     async with harness() as h, raw_controller(h.rt) as (_, io, _cntlid):
         completion = await io.execute(Command(opcode=opcode, nsid=KV_NSID))

@@ -302,7 +302,8 @@ async def test_commands_supported_and_effects_for_kv() -> None:
         assert iocs[KvOpcode.RETRIEVE] == 0x1
         assert iocs[KvOpcode.LIST] == 0x1
         assert iocs[KvOpcode.EXIST] == 0x1
-        assert sum(1 for e in iocs if e) == 5
+        assert iocs[KvOpcode.FLUSH] == 0x1
+        assert sum(1 for e in iocs if e) == 6
         for opcode in (AdminOpcode.IDENTIFY, AdminOpcode.GET_LOG_PAGE, AdminOpcode.KEEP_ALIVE):
             assert acs[opcode] & 0x1
         # for the NVM command set there is no I/O opcode here

@@ -41,8 +41,8 @@ keys = st.binary(min_size=1, max_size=MAX_KEY_LENGTH)
 def test_constants() -> None:
     assert KV_CSI == 1
     assert KV_SPEC_VERSION == 0x00010300
-    assert [int(o) for o in KvOpcode] == [0x01, 0x02, 0x06, 0x10, 0x14]
-    assert KV_IO_COMMAND_EFFECTS == {0x01: 3, 0x10: 3, 0x02: 1, 0x06: 1, 0x14: 1}
+    assert [int(o) for o in KvOpcode] == [0x00, 0x01, 0x02, 0x06, 0x10, 0x14]
+    assert KV_IO_COMMAND_EFFECTS == {0x01: 3, 0x10: 3, 0x02: 1, 0x06: 1, 0x14: 1, 0x00: 1}
 
 
 def test_kv_status_is_generic_with_dnr() -> None:

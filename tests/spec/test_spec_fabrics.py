@@ -90,7 +90,7 @@ def test_connect_command_bytes() -> None:
     cmd = connect_command(qid=3, sqsize=127, kato_ms=5000, cattr=0x4, cid=9)
     raw = cmd.to_bytes()
     assert raw[0] == 0x7F
-    assert raw[1] == 0
+    assert raw[1] == 0x40  # PSDT = SGL: Linux nvmet refuses 0 (Invalid Field)
     assert raw[2:4] == b"\x09\x00"
     assert raw[4] == FabricsCommandType.CONNECT
     assert struct.unpack_from("<HHHBxI", raw, 40) == (0, 3, 127, 4, 5000)

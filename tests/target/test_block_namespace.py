@@ -12,6 +12,7 @@ import struct
 import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -340,7 +341,7 @@ async def test_backing_errors_become_media_errors() -> None:
 # --------------------------------------------------------------------------------------------------
 # Bdevs: SPDK shapes, checks, aio files
 # --------------------------------------------------------------------------------------------------
-def _spdk(name: str) -> object:
+def _spdk(name: str) -> Any:
     path = SPDK / name
     if not path.exists():
         pytest.skip(f"{path} is not here")
@@ -348,7 +349,7 @@ def _spdk(name: str) -> object:
 
 
 def test_malloc_describe_matches_spdk() -> None:
-    (spdk,) = _spdk("bdev_get_bdevs.json")  # type: ignore[misc]
+    (spdk,) = _spdk("bdev_get_bdevs.json")
     bdev = MallocBdev("Malloc0", 131072, 512, uuid=uuid.UUID(spdk["uuid"]))
     bdev.make_namespace()  # claims it, as nvmf_subsystem_add_ns does
     ours = bdev.describe()
@@ -437,9 +438,8 @@ async def test_aio_writes_land_in_the_file(disk: Path, block_size: int) -> None:
         await run(ns, write_zeroes_command(NSID, 5, 1))
         await run(ns, deallocate_command(NSID, 1), pack_dsm_ranges([BlockRange(6, 1)]))
         assert await read(ns, 5, 3) == bytes(2 * block_size) + data[2 * block_size :]
-        assert (await anyio.Path(disk).read_bytes())[5 * block_size : 7 * block_size] == bytes(
-            2 * block_size
-        )
+        raw = await anyio.Path(disk).read_bytes()
+        assert raw[5 * block_size : 7 * block_size] == bytes(2 * block_size)
     finally:
         await bdev.aclose()
     assert (await anyio.Path(disk).stat()).st_size == 1 << 20, "deallocate keeps the file's size"

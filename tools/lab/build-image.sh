@@ -69,8 +69,13 @@ $SUDO debootstrap --variant=minbase --include="$PACKAGES" bookworm "$rootfs" "$M
 
 # 2. the kernel and its modules, unpacked (no postinst, no initramfs-tools)
 (cd "$work" && apt-get download -q -o APT::Sandbox::User=root "$kpkg" >/dev/null)
-dpkg-deb -x "$work"/"${kpkg}"_*.deb "$rootfs"
-cp "$rootfs/boot/vmlinuz-$kver" "$work/vmlinuz"
+# (unpacked beside the root, not over it: the package's ./lib would replace the merged-/usr link)
+dpkg-deb -x "$work"/"${kpkg}"_*.deb "$work/kernel"
+mkdir -p "$rootfs/usr/lib/modules"
+cp -a "$work/kernel/lib/modules/$kver" "$rootfs/usr/lib/modules/"
+cp "$work/kernel/boot/vmlinuz-$kver" "$work/vmlinuz"
+cp "$work/kernel/boot/config-$kver" "$work/config"
+rm -rf "$work/kernel"
 chroot "$rootfs" /usr/bin/env PATH=/usr/sbin:/usr/bin:/sbin:/bin depmod "$kver"
 rm -rf "$rootfs"/usr/share/doc/* "$rootfs"/usr/share/man/* "$rootfs"/usr/share/locale/* \
     "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/* "$rootfs"/boot/*

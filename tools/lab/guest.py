@@ -139,12 +139,10 @@ class Guest:
     def start(self) -> Guest:
         image = self.image or build_image()
         cmd = self.qemu_command(image)
-        self._proc = subprocess.Popen(
-            cmd,
-            stdin=subprocess.DEVNULL,
-            stdout=open(self.run_dir / "qemu.log", "wb"),  # noqa: SIM115
-            stderr=subprocess.STDOUT,
-        )
+        with open(self.run_dir / "qemu.log", "wb") as qemu_log:
+            self._proc = subprocess.Popen(
+                cmd, stdin=subprocess.DEVNULL, stdout=qemu_log, stderr=subprocess.STDOUT
+            )
         deadline = time.monotonic() + self.boot_timeout
         agent_path = self.run_dir / "agent.sock"
         while True:
