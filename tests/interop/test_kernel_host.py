@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shlex
+from collections.abc import Iterator
 
 import pytest
 
@@ -45,9 +46,9 @@ def run(guest: Guest, script: str, *, timeout: float = 120.0) -> str:
 
 
 @pytest.fixture
-def host(lab: Lab, lab_target: LabTarget) -> Guest:
+def host(lab: Lab, lab_target: LabTarget) -> Iterator[Guest]:
     """The guest, with no controller left connected after the test."""
-    yield lab.guest  # type: ignore[misc]
+    yield lab.guest
     lab.guest.run("nvme disconnect-all >/dev/null 2>&1; true", timeout=60)
 
 

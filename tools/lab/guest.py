@@ -20,13 +20,12 @@ import base64
 import contextlib
 import os
 import shlex
-import shutil
 import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -63,15 +62,6 @@ def build_image(*, force: bool = False) -> Path:
     if proc.returncode != 0:
         raise LabError(f"building the lab image failed (exit {proc.returncode})")
     return Path(proc.stdout.strip().splitlines()[-1])
-
-
-def lab_available() -> str | None:
-    """None if the lab can run here, else why not."""
-    if sys.platform != "linux":
-        return "the lab needs Linux"
-    if shutil.which("apt-get") is None and shutil.which("qemu-system-x86_64") is None:
-        return "no qemu-system-x86_64 and no apt-get to install it"
-    return None
 
 
 def free_port() -> int:
@@ -254,12 +244,6 @@ class Guest:
                 self._check_alive()
                 raise LabError(f"the guest agent closed:\n{self.console()[-4000:]}")
             self._buffer += chunk
-
-
-@contextlib.contextmanager
-def booted(**options: object) -> Iterator[Guest]:
-    with Guest(**options) as guest:  # type: ignore[arg-type]
-        yield guest
 
 
 def main(argv: list[str] | None = None) -> int:
