@@ -266,6 +266,10 @@ def cmd_discover(args: argparse.Namespace) -> int:
 def cmd_target(args: argparse.Namespace) -> int:
     from kvext.engine.flash import FlashOpenError
 
+    if args.workers > 1:
+        from kvext.sharded_target import run_sharded_target
+
+        return run_sharded_target(args, build_target, DEFAULT_ADDRESS)
     try:
         anyio.run(_run_target, args, **_backend_options(args.backend))
     except KeyboardInterrupt:
@@ -434,6 +438,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="allow formatting a --flash device that holds something else (destroys it)",
     )
     target.add_argument("--dram", default="1GiB", help="DRAM tier in front of --flash (0: none)")
+    target.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="worker processes sharing the KV namespace, each with capacity/N (docs/workers.md)",
+    )
     target.set_defaults(func=cmd_target)
 
     check_flash = sub.add_parser("check-flash", help="verify a flash device's records")

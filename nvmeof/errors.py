@@ -71,3 +71,12 @@ class ConnectionLost(NvmeofError):
 
 class CommandTimeout(NvmeofError, TimeoutError):
     """A command did not complete in time."""
+
+
+class AuthenticationFailed(NvmeofError):
+    """In-band authentication (DH-HMAC-CHAP) failed; ``explanation`` is the Failure1/Failure2
+    reason code explanation when one was exchanged (1 failed, 4 hash unusable, ...)."""
+
+    def __init__(self, message: str, explanation: int | None = None) -> None:
+        super().__init__(message)
+        self.explanation = explanation

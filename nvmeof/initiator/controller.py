@@ -14,12 +14,17 @@ import anyio
 import anyio.abc
 import attrs
 
-from nvmeof.errors import ConnectionLost, NvmeError, NvmeofError
+from nvmeof.errors import AuthenticationFailed, ConnectionLost, NvmeError, NvmeofError
+from nvmeof.initiator.auth import DhchapOptions, authenticate
 from nvmeof.initiator.queue import QueuePair
 from nvmeof.spec.admin import keep_alive_command
+from nvmeof.spec.auth import DhGroupId, HashId
 from nvmeof.spec.command import Command
 from nvmeof.spec.completion import Completion
+from nvmeof.spec.dhchap import DhchapSecret, as_secret
 from nvmeof.spec.fabrics import (
+    CONNECT_AUTHREQ_ASCR,
+    CONNECT_AUTHREQ_ATR,
     DYNAMIC_CNTLID,
     ConnectData,
     connect_command,
@@ -49,9 +54,11 @@ from nvmeof.spec.properties import (
     ShutdownNotification,
     ShutdownStatus,
 )
-from nvmeof.transport.base import Buffer, HostConnector
+from nvmeof.transport.base import Buffer, HostChannel, HostConnector
+from nvmeof.transport.rdma import RdmaHostChannel
 from nvmeof.transport.sockets import open_tcp
 from nvmeof.transport.tcp import DEFAULT_PORT, TcpHostChannel
+from nvmeof.transport.verbs import RdmaConnector
 
 log = logging.getLogger("nvmeof.initiator")
 
@@ -108,6 +115,10 @@ class ConnectOptions:
     data_digest: bool
     timeout: float
     connector: HostConnector = open_tcp
+    dhchap: DhchapOptions | None = None  # in-band authentication (DH-HMAC-CHAP) secrets
+    transport: str = "tcp"  # or "rdma" (NVMe/RDMA: the ``rdma`` extra, pyverbs)
+    rdma_connector: RdmaConnector | None = None  # default: pyverbs (the simulator passes its own)
+    rdma_invalidate: bool = False  # ask the controller for Send with Invalidate (SGL 0x4F)
 
 
 class Controller:
@@ -138,6 +149,13 @@ class Controller:
         data_digest: bool = False,
         timeout: float = 10.0,
         connector: HostConnector = open_tcp,
+        dhchap_secret: str | DhchapSecret | None = None,
+        dhchap_ctrl_secret: str | DhchapSecret | None = None,
+        dhchap_hashes: Sequence[HashId] | None = None,
+        dhchap_dhgroups: Sequence[DhGroupId] | None = None,
+        transport: str = "tcp",
+        rdma_connector: RdmaConnector | None = None,
+        rdma_invalidate: bool = False,
     ) -> ControllerConnection:
         """Connect, enable and set up I/O queues.
 
@@ -145,8 +163,14 @@ class Controller:
         unless ``kato_ms`` is given, then call ``keep_alive()`` yourself); ``async with
         Controller.connect(...) as ctrl`` also runs a keep-alive task (KATO 30 s by default) and
         shuts the controller down on exit. ``connector`` opens each queue's byte stream (TCP by
-        default; the simulator passes its own).
+        default; the simulator passes its own). ``dhchap_secret`` (``DHHC-1:hh:...:``) answers a
+        controller that requires DH-HMAC-CHAP; with ``dhchap_ctrl_secret`` the controller must
+        prove itself too (bidirectional); ``dhchap_hashes`` / ``dhchap_dhgroups`` limit what is
+        offered (default: all). ``transport="rdma"`` connects over NVMe/RDMA (pyverbs, or
+        ``rdma_connector``); ``rdma_invalidate`` asks for Send with Invalidate.
         """
+        if transport not in ("tcp", "rdma"):
+            raise ValueError(f"transport must be 'tcp' or 'rdma', not {transport!r}")
         host, port = parse_address(address)
         default_nqn, default_id = default_host_identity()
         if io_queues < 1 or queue_depth < 1:
@@ -164,6 +188,12 @@ class Controller:
             data_digest=data_digest,
             timeout=timeout,
             connector=connector,
+            dhchap=_dhchap_options(
+                dhchap_secret, dhchap_ctrl_secret, dhchap_hashes, dhchap_dhgroups
+            ),
+            transport=transport,
+            rdma_connector=rdma_connector,
+            rdma_invalidate=rdma_invalidate,
         )
         return ControllerConnection(options)
 
@@ -198,14 +228,18 @@ class Controller:
     async def _connect_queue(
         options: ConnectOptions, *, qid: int, depth: int, cntlid: int = DYNAMIC_CNTLID
     ) -> tuple[QueuePair, int]:
+        channel: HostChannel
         with anyio.fail_after(options.timeout):
-            channel = await TcpHostChannel.connect(
-                options.host,
-                options.port,
-                header_digest=options.header_digest,
-                data_digest=options.data_digest,
-                connector=options.connector,
-            )
+            if options.transport == "rdma":
+                channel = await _connect_rdma(options, qid=qid, depth=depth, cntlid=cntlid)
+            else:
+                channel = await TcpHostChannel.connect(
+                    options.host,
+                    options.port,
+                    header_digest=options.header_digest,
+                    data_digest=options.data_digest,
+                    connector=options.connector,
+                )
         queue = QueuePair(channel, qid=qid, depth=depth)
         data = ConnectData(
             hostid=options.hostid, cntlid=cntlid, subnqn=options.subnqn, hostnqn=options.hostnqn
@@ -224,11 +258,12 @@ class Controller:
                     f"connect to {options.subnqn} at {options.host}:{options.port} (qid {qid})"
                     f" refused (dw0 0x{completion.dw0:x})",
                 )
+            queue.cntlid = completion.dw0 & 0xFFFF
+            await _authenticate_queue(queue, options, completion.dw0)
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await queue.aclose()
             raise
-        queue.cntlid = completion.dw0 & 0xFFFF
         return queue, queue.cntlid
 
     async def _enable(self) -> None:
@@ -365,6 +400,49 @@ class Controller:
         log.info("[%d] disconnected", self.cntlid)
 
 
+def _dhchap_options(
+    secret: str | DhchapSecret | None,
+    ctrl_secret: str | DhchapSecret | None,
+    hashes: Sequence[HashId] | None,
+    dhgroups: Sequence[DhGroupId] | None,
+) -> DhchapOptions | None:
+    if secret is None:
+        if ctrl_secret is not None:
+            raise ValueError("dhchap_ctrl_secret needs dhchap_secret")
+        return None
+    options = DhchapOptions(
+        secret=as_secret(secret),
+        ctrl_secret=None if ctrl_secret is None else as_secret(ctrl_secret),
+    )
+    if hashes is not None:
+        options = attrs.evolve(options, hashes=tuple(HashId(h) for h in hashes))
+    if dhgroups is not None:
+        options = attrs.evolve(options, dhgroups=tuple(DhGroupId(g) for g in dhgroups))
+    return options
+
+
+async def _authenticate_queue(queue: QueuePair, options: ConnectOptions, dw0: int) -> None:
+    """After Connect: run DH-HMAC-CHAP if the controller asks (AUTHREQ.ATR), as Linux does."""
+    where = f"{options.subnqn} at {options.host}:{options.port} (qid {queue.qid})"
+    if dw0 & CONNECT_AUTHREQ_ASCR:
+        raise AuthenticationFailed(f"{where} requires a secure channel (not supported)")
+    if not dw0 & CONNECT_AUTHREQ_ATR:
+        if queue.qid == 0 and options.dhchap is not None and options.dhchap.ctrl_secret:
+            # The host wants the controller to prove itself; one that never asks cannot.
+            raise AuthenticationFailed(f"{where} did not ask to authenticate; cannot verify it")
+        return
+    if options.dhchap is None:
+        raise AuthenticationFailed(f"{where} requires authentication: no DH-HMAC-CHAP secret")
+    await authenticate(
+        queue,
+        options.dhchap,
+        hostnqn=options.hostnqn,
+        subnqn=options.subnqn,
+        timeout=options.timeout,
+    )
+    log.debug("[%d/%d] authenticated to %s", queue.cntlid, queue.qid, options.subnqn)
+
+
 class ControllerConnection:
     """What ``Controller.connect`` returns: await it, or use it as an async context manager."""
 
@@ -406,3 +484,22 @@ class ControllerConnection:
             with anyio.CancelScope(shield=True):
                 await self._controller.close()
         return None
+
+
+async def _connect_rdma(
+    options: ConnectOptions, *, qid: int, depth: int, cntlid: int
+) -> RdmaHostChannel:
+    connector = options.rdma_connector
+    if connector is None:
+        from nvmeof.transport.pyverbs_backend import PyverbsConnector  # needs the rdma extra
+
+        connector = PyverbsConnector()
+    return await RdmaHostChannel.connect(
+        options.host,
+        options.port,
+        connector=connector,
+        qid=qid,
+        depth=depth,
+        cntlid=0 if cntlid == DYNAMIC_CNTLID else cntlid,
+        invalidate=options.rdma_invalidate,
+    )

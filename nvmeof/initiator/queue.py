@@ -73,7 +73,10 @@ class QueuePair:
         """
         if self._lost is not None:
             raise self._lost
-        await self._slots.acquire()
+        try:
+            self._slots.acquire_nowait()  # no scheduler round trip while a slot is free
+        except anyio.WouldBlock:
+            await self._slots.acquire()
         if self._lost is not None:
             self._slots.release()
             raise self._lost

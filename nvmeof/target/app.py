@@ -14,6 +14,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import os
+import stat
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -22,7 +24,9 @@ import anyio
 import anyio.abc
 import attrs
 
+from nvmeof.spec.dhchap import DhchapSecret, SecretFormatError
 from nvmeof.spec.fabrics import DISCOVERY_NQN
+from nvmeof.target.auth import HostAuthConfig
 from nvmeof.target.bdev.base import Bdev, BdevExists, BdevNotFound, BdevRegistry
 from nvmeof.target.rpc import (
     BOTH_STATES,
@@ -140,6 +144,9 @@ class TargetApp:
         self.transports: dict[str, TransportOptions] = {}
         self.subsystem_options: dict[str, SubsystemOptions] = {}
         self.namespace_bdevs: dict[tuple[str, int], str] = {}
+        # keyring_file_add_key: name -> (path, secret); add_host's key references, for save_config
+        self.keyring: dict[str, tuple[str, DhchapSecret]] = {}
+        self.host_key_refs: dict[tuple[str, str], dict[str, str]] = {}
         self.state = RpcState.STARTUP
         # Run by framework_start_init (or start()), before the state becomes RUNTIME.
         self.init_steps: list[Callable[[], Awaitable[object]]] = []
@@ -377,9 +384,38 @@ class TargetApp:
     def remove_host(self, nqn: str, host: str) -> None:
         subsystem = self.subsystem(nqn)
         subsystem.hosts.discard(host)
+        subsystem.host_auth.pop(host, None)
+        self.host_key_refs.pop((nqn, host), None)
         for controller in list(subsystem.controllers.values()):
             if controller.hostnqn == host:
                 controller.close()
+
+    # --- keys (SPDK keyring_file) ---------------------------------------------------------------
+    def add_key_file(self, name: str, path: str) -> None:
+        """Register the DH-HMAC-CHAP secret in ``path`` (mode 0600, as SPDK insists) as ``name``."""
+        if name in self.keyring:
+            raise RpcError.errno(errno.EEXIST, f"key {name} already exists")
+        try:
+            mode = os.stat(path).st_mode
+            if mode & (stat.S_IRWXG | stat.S_IRWXO):
+                raise RpcError.errno(errno.EPERM, f"{path}: key files must be mode 0600")
+            with open(path, encoding="ascii") as f:
+                secret = DhchapSecret.parse(f.read())
+        except (OSError, UnicodeDecodeError, SecretFormatError) as exc:
+            raise RpcError.invalid_params(detail=f"{path}: {exc}") from exc
+        self.keyring[name] = (path, secret)
+
+    def resolve_key(self, ref: str) -> DhchapSecret:
+        """A keyring name, or (our extension) the ``DHHC-1:hh:...:`` secret itself."""
+        if ref.startswith("DHHC-1:"):
+            try:
+                return DhchapSecret.parse(ref)
+            except SecretFormatError as exc:
+                raise RpcError.invalid_params(detail=str(exc)) from exc
+        entry = self.keyring.get(ref)
+        if entry is None:
+            raise RpcError.invalid_params(detail=f"Could not find key {ref}")
+        return entry[1]
 
     # --- bdevs ----------------------------------------------------------------------------------
     def add_bdev(self, bdev: Bdev) -> str:
@@ -440,7 +476,10 @@ class TargetApp:
             "subtype": "NVMe",
             "listen_addresses": [address_json(a) for a in subsystem.listeners],
             "allow_any_host": subsystem.allow_any_host,
-            "hosts": [{"nqn": h} for h in sorted(subsystem.hosts)],
+            "hosts": [
+                {"nqn": h, **self.host_key_refs.get((subsystem.nqn, h), {})}
+                for h in sorted(subsystem.hosts)
+            ],
             "serial_number": subsystem.serial_number,
             "model_number": subsystem.model_number,
             "max_namespaces": subsystem.max_namespaces,
@@ -512,7 +551,10 @@ class TargetApp:
                 }
             )
             entries += [
-                {"method": "nvmf_subsystem_add_host", "params": {"nqn": nqn, "host": host}}
+                {
+                    "method": "nvmf_subsystem_add_host",
+                    "params": {"nqn": nqn, "host": host, **self.host_key_refs.get((nqn, host), {})},
+                }
                 for host in sorted(subsystem.hosts)
             ]
             for nsid, namespace in sorted(subsystem.namespaces.items()):
@@ -547,7 +589,14 @@ class TargetApp:
         return entries
 
     def config_sections(self) -> dict[str, list[dict[str, object]]]:
-        return {"bdev": self.bdev_config(), "nvmf": self.nvmf_config()}
+        sections = {"bdev": self.bdev_config(), "nvmf": self.nvmf_config()}
+        if self.keyring:  # before nvmf, whose add_host entries name these keys
+            keys: list[dict[str, object]] = [
+                {"method": "keyring_file_add_key", "params": {"name": name, "path": path}}
+                for name, (path, _) in sorted(self.keyring.items())
+            ]
+            sections = {"keyring": keys, **sections}
+        return sections
 
     def save_config(self) -> dict[str, object]:
         return {
@@ -774,6 +823,17 @@ class _AddHost:
     psk: str | None = None
     dhchap_key: str | None = None
     dhchap_ctrlr_key: str | None = None
+
+
+@attrs.frozen
+class _KeyringFileAddKey:
+    name: str
+    path: str
+
+
+@attrs.frozen
+class _KeyringName:
+    name: str
 
 
 @attrs.frozen
@@ -1080,12 +1140,47 @@ def core_methods() -> RpcMethods:
     async def nvmf_subsystem_add_host(app: TargetApp, params: object) -> object:
         p = decode_params(_AddHost, params, error=_invalid)
         _check_target(p.tgt_name)
-        if p.psk or p.dhchap_key or p.dhchap_ctrlr_key:
-            raise RpcError.invalid_params(detail="TLS and DH-HMAC-CHAP are not supported")
+        if p.psk:
+            raise RpcError.invalid_params(detail="TLS (psk) is not supported")
+        if p.dhchap_ctrlr_key and not p.dhchap_key:
+            raise RpcError.invalid_params(detail="dhchap_ctrlr_key needs dhchap_key")
         if not p.host.startswith("nqn.") or len(p.host.encode()) > MAX_NQN_LENGTH:
             raise RpcError(RpcErrorCode.INTERNAL_ERROR, "Internal error", f"bad NQN {p.host}")
-        app.subsystem(p.nqn).hosts.add(p.host)
+        subsystem = app.subsystem(p.nqn)
+        if p.dhchap_key:
+            host_key = app.resolve_key(p.dhchap_key)
+            ctrl_key = app.resolve_key(p.dhchap_ctrlr_key) if p.dhchap_ctrlr_key else None
+            subsystem.host_auth[p.host] = HostAuthConfig(host_key=host_key, ctrl_key=ctrl_key)
+            refs = {"dhchap_key": p.dhchap_key}
+            if p.dhchap_ctrlr_key:
+                refs["dhchap_ctrlr_key"] = p.dhchap_ctrlr_key
+            app.host_key_refs[(p.nqn, p.host)] = refs
+        else:
+            subsystem.host_auth.pop(p.host, None)
+            app.host_key_refs.pop((p.nqn, p.host), None)
+        subsystem.hosts.add(p.host)
         return True
+
+    @m("keyring_file_add_key", states=BOTH_STATES)
+    async def keyring_file_add_key(app: TargetApp, params: object) -> object:
+        p = decode_params(_KeyringFileAddKey, params, error=_invalid)
+        app.add_key_file(p.name, p.path)
+        return True
+
+    @m("keyring_file_remove_key", states=BOTH_STATES)
+    async def keyring_file_remove_key(app: TargetApp, params: object) -> object:
+        p = decode_params(_KeyringName, params, error=_invalid)
+        if app.keyring.pop(p.name, None) is None:
+            raise RpcError.errno(errno.ENOKEY, f"key {p.name} not found")
+        return True
+
+    @m("keyring_get_keys", states=BOTH_STATES)
+    async def keyring_get_keys(app: TargetApp, params: object) -> object:
+        no_params("keyring_get_keys", params)
+        return [
+            {"name": name, "path": path, "removed": False, "probed": True, "module": "keyring_file"}
+            for name, (path, _) in sorted(app.keyring.items())
+        ]
 
     @m("nvmf_subsystem_remove_host")
     async def nvmf_subsystem_remove_host(app: TargetApp, params: object) -> object:

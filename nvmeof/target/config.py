@@ -1,11 +1,11 @@
 """SPDK's JSON config (``nvmf_tgt --json``, ``save_config``'s output): read it, apply it.
 
 The file is ``{"subsystems": [{"subsystem": NAME, "config": [{"method": ..., "params": ...}]}]}``.
-The ``bdev`` and ``nvmf`` sections are replayed in file order through the same RPC methods a
-client would call; a bad entry stops the start with an error naming it. A config SPDK itself saved
-also carries sections and tuning methods GPUCache has no counterpart for (``sock``, ``iobuf``,
-``accel``, ``bdev_set_options``, ``nvmf_set_config``, ...): those are skipped and listed in the log,
-so such a file loads as it is.
+The ``keyring``, ``bdev`` and ``nvmf`` sections are replayed in file order through the same RPC
+methods a client would call; a bad entry stops the start with an error naming it. A config SPDK
+itself saved also carries sections and tuning methods GPUCache has no counterpart for (``sock``,
+``iobuf``, ``accel``, ``bdev_set_options``, ``nvmf_set_config``, ...): those are skipped and listed
+in the log, so such a file loads as it is.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("nvmeof.target.config")
 
-APPLIED_SECTIONS = frozenset({"bdev", "nvmf"})
+APPLIED_SECTIONS = frozenset({"keyring", "bdev", "nvmf"})
 
 # SPDK methods that only tune SPDK's own machinery; GPUCache has nothing they would change.
 TUNING_METHODS = frozenset(

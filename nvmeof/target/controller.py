@@ -113,6 +113,7 @@ class Controller:
         self.cc = ControllerConfiguration.from_int(0)
         self.csts = ControllerStatus.from_int(0)
         self.granted_io_queues = 0
+        self.keyed_sgls = False  # a controller reached over RDMA (set on admin Connect)
         self.io_queues: set[int] = set()
         self.async_event_config = 0
         self.pending_async_events: list[Request] = []  # held AERs, oldest first
@@ -326,7 +327,7 @@ class Controller:
             nn=nn,
             oncs=0x0C,  # bit2 Dataset Management, bit3 Write Zeroes (block namespaces)
             vwc=0x1,  # a volatile write cache: hosts send Flush (aio bdevs' page cache)
-            sgls=0x00100001,
+            sgls=0x00100001 | (0x4 if self.keyed_sgls else 0),  # bit 2: keyed SGLs (RDMA)
             mnan=nn,
             subnqn=self.subsystem.nqn,
             ioccsz=(64 + limits.in_capsule_data_size) // 16,

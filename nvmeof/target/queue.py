@@ -14,9 +14,11 @@ import anyio.abc
 import anyio.lowlevel
 
 from nvmeof.errors import CommandError, ConnectionLost
+from nvmeof.spec.auth import MAX_AUTH_TRANSFER, AuthCommandFields
 from nvmeof.spec.command import AdminOpcode, Command
 from nvmeof.spec.completion import SQHD_FLOW_CONTROL_DISABLED, Completion
 from nvmeof.spec.fabrics import (
+    CONNECT_AUTHREQ_ATR,
     CONNECT_DATA_SIZE,
     DISCOVERY_NQN,
     DYNAMIC_CNTLID,
@@ -27,6 +29,7 @@ from nvmeof.spec.fabrics import (
     PropertyAccess,
 )
 from nvmeof.spec.status import FabricsStatus, GenericStatus, Status
+from nvmeof.target.auth import AllocationTooSmall, ControllerAuthentication
 from nvmeof.target.controller import Controller, invalid_field
 from nvmeof.target.discovery import controller_factory
 from nvmeof.target.namespace import CommandResult
@@ -34,6 +37,8 @@ from nvmeof.target.subsystem import ListenAddress, Target
 from nvmeof.transport.base import Buffer, ControllerChannel, Request
 
 log = logging.getLogger("nvmeof.target.queue")
+
+AUTH_FAILURE_CLOSE_DELAY = 1.0  # seconds between a Failure1 and closing the queue
 
 
 def _connect_invalid(offset: int, *, in_data: bool) -> CommandError:
@@ -88,6 +93,9 @@ class QueueSession:
         self._sqhd = 0
         self._slots: anyio.Semaphore | None = None
         self._active: set[int] = set()
+        # DH-HMAC-CHAP on this queue (the host must authenticate before anything else).
+        self.auth: ControllerAuthentication | None = None
+        self._close_after_reply = False
         self.log: logging.LoggerAdapter[logging.Logger] = logging.LoggerAdapter(log, {})
 
     # --- transport callbacks -----------------------------------------------------------------
@@ -115,8 +123,14 @@ class QueueSession:
             if self._slots is None:
                 await self._serve_one(request)
                 return
-            async with self._slots:
+            try:
+                self._slots.acquire_nowait()  # the host keeps within SQSIZE: no yield needed
+            except anyio.WouldBlock:
+                await self._slots.acquire()
+            try:
                 await self._serve_one(request)
+            finally:
+                self._slots.release()
         finally:
             self._active.discard(request.command.cid)
 
@@ -149,6 +163,9 @@ class QueueSession:
         # The host may reuse the CID as soon as it sees this completion: free it first.
         self._active.discard(cmd.cid)
         await self.channel.complete(request, completion, data)
+        if self._close_after_reply:
+            self._close_after_reply = False
+            self.task_group.start_soon(self._close_after_grace)
 
     def _completion(self, cid: int, status: Status, dw0: int, dw1: int) -> Completion:
         if self.sq_flow_control_disabled:
@@ -170,6 +187,7 @@ class QueueSession:
         controller = self.controller
         if controller is None:
             raise _sequence_error("command before Connect")
+        self._check_authenticated()
         if self.qid == 0:
             return controller.execute_admin(request, anyio.current_time())
         if not controller.ready:
@@ -189,6 +207,12 @@ class QueueSession:
         controller = self.controller
         if controller is None:
             raise _sequence_error("fabrics command before Connect")
+        if fctype in (
+            FabricsCommandType.AUTHENTICATION_SEND,
+            FabricsCommandType.AUTHENTICATION_RECEIVE,
+        ):
+            return await self._authenticate(request)
+        self._check_authenticated()
         if fctype == FabricsCommandType.PROPERTY_GET and self.qid == 0:
             access = _property_access(request)
             value = controller.get_property(access.offset, access.size)
@@ -205,6 +229,51 @@ class QueueSession:
             self.task_group.start_soon(self._close_after_completion)
             return CommandResult()
         raise _invalid_opcode(f"fabrics command type 0x{fctype:02x}")
+
+    def _check_authenticated(self) -> None:
+        if self.auth is not None and not self.auth.authenticated:
+            raise CommandError(
+                Status.command_specific(FabricsStatus.AUTHENTICATION_REQUIRED),
+                "authentication required",
+            )
+
+    async def _authenticate(self, request: Request) -> CommandResult:
+        """Authentication Send / Receive (DH-HMAC-CHAP), as Linux nvmet."""
+        auth = self.auth
+        fields = AuthCommandFields.from_command(request.command)
+        if auth is None:
+            raise invalid_field("authentication is not required on this queue")
+        if not fields.valid_protocol:
+            raise invalid_field(
+                f"SECP 0x{fields.secp:02x} SPSP 0x{fields.spsp0:02x}/0x{fields.spsp1:02x}"
+            )
+        if not 0 < fields.length <= MAX_AUTH_TRANSFER:
+            raise invalid_field(f"authentication transfer length {fields.length}")
+        if request.command.fctype == FabricsCommandType.AUTHENTICATION_SEND:
+            raw = bytearray(fields.length)
+            await self.channel.pull(request, memoryview(raw))
+            auth.on_send(bytes(raw))
+            data: list[Buffer] = []
+        else:
+            try:
+                data = [auth.on_receive(fields.length)]
+            except AllocationTooSmall as exc:
+                raise invalid_field(str(exc)) from exc
+        if auth.failed:
+            self.log.warning(
+                "%s authentication of %s from %s failed: closing the queue",
+                self._tag(), auth.hostnqn, self.channel.peer,
+            )  # fmt: skip
+            self._close_after_reply = True
+        elif auth.authenticated and self.controller is not None:
+            self.log.info("%s host %s authenticated", self._tag(), auth.hostnqn)
+        return CommandResult(data=data)
+
+    async def _close_after_grace(self) -> None:
+        # Failure1 is on its way: give the host a moment to read it and hang up itself (Linux
+        # does); the queue answers nothing but Authentication Required meanwhile.
+        await anyio.sleep(AUTH_FAILURE_CLOSE_DELAY)
+        await self.channel.aclose()
 
     async def _close_after_completion(self) -> None:
         await anyio.lowlevel.checkpoint()
@@ -234,7 +303,10 @@ class QueueSession:
         if subsystem is None:
             raise _connect_invalid(256, in_data=True)
         if not subsystem.host_allowed(data.hostnqn):
-            self.log.warning("connect from %s to %s refused", data.hostnqn, data.subnqn)
+            self.log.warning(
+                "connect from %s (%s) to %s refused: host not allowed",
+                data.hostnqn, self.channel.peer, data.subnqn,
+            )  # fmt: skip
             raise CommandError(
                 Status.command_specific(FabricsStatus.CONNECT_INVALID_HOST),
                 f"host {data.hostnqn} may not connect to {data.subnqn}",
@@ -266,6 +338,7 @@ class QueueSession:
             )
             subsystem.controllers[controller.cntlid] = controller
             controller.listen_address = self.listen_address
+            controller.keyed_sgls = self.channel.trtype == "rdma"
             controller.async_event_sink = self._complete_async_event
             controller.closers.append(self._close_soon)
             self.task_group.start_soon(self._watch_keep_alive, controller)
@@ -301,7 +374,14 @@ class QueueSession:
         self.sqsize = params.sqsize
         self.sq_flow_control_disabled = params.sq_flow_control_disabled
         self._slots = anyio.Semaphore(params.sqsize + 1)
-        return CommandResult(dw0=controller.cntlid)
+        auth_config = subsystem.auth_config(data.hostnqn)
+        if auth_config is None:
+            return CommandResult(dw0=controller.cntlid)
+        # Every queue authenticates (admin and I/O), so knowing a CNTLID is not enough to attach.
+        self.auth = ControllerAuthentication(
+            auth_config, hostnqn=data.hostnqn, subnqn=subsystem.nqn
+        )
+        return CommandResult(dw0=controller.cntlid | CONNECT_AUTHREQ_ATR)
 
     def _complete_async_event(self, request: Request, dw0: int) -> None:
         """Complete a held Async Event Request (the controller chose it and its DW0)."""

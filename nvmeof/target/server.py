@@ -9,7 +9,8 @@ import anyio.abc
 
 from nvmeof.target.queue import QueueSession
 from nvmeof.target.subsystem import ListenAddress, Target
-from nvmeof.transport.base import ByteStream
+from nvmeof.tcp.events import ConnectionParams
+from nvmeof.transport.base import ByteStream, ControllerChannel
 from nvmeof.transport.sockets import TcpListener
 from nvmeof.transport.tcp import TcpControllerChannel
 
@@ -72,21 +73,35 @@ class TargetServer:
                 await listener.aclose()
 
     async def handle_connection(
-        self, sock: ByteStream, address: ListenAddress | None = None
+        self,
+        sock: ByteStream,
+        address: ListenAddress | None = None,
+        *,
+        negotiated: ConnectionParams | None = None,
     ) -> None:
         """Serve one queue's connection (any byte stream: TCP, or the simulator's) that came in
-        through the listener ``address``."""
-        self.connections += 1
+        through the listener ``address``; ``negotiated``: its ICReq was already answered (a
+        supervisor handed it over, ``nvmeof.target.workers``)."""
         channel = TcpControllerChannel(
             sock,
             maxh2cdata=self.target.limits.maxh2cdata,
             allow_digests=self.allow_digests,
+            negotiated=negotiated,
         )
-        log.debug("connection from %s", sock.peer)
+        await self.serve_channel(channel, address)
+
+    async def serve_channel(
+        self, channel: ControllerChannel, address: ListenAddress | None = None
+    ) -> None:
+        """Serve one queue over any transport's controller channel (TCP; RDMA through
+        ``nvmeof.target.rdma_server``)."""
+        self.connections += 1
+        log.debug("connection from %s", channel.peer)
         try:
             async with anyio.create_task_group() as tg:
                 session = QueueSession(self.target, channel, tg, listen_address=address)
-                channel.on_digest_error = session.on_digest_error
+                if isinstance(channel, TcpControllerChannel):
+                    channel.on_digest_error = session.on_digest_error
                 try:
                     await channel.run(session.on_request)
                 finally:
@@ -94,9 +109,9 @@ class TargetServer:
                     tg.cancel_scope.cancel()
         except Exception:
             # A bug in serving one connection must not take the listener down.
-            log.exception("connection from %s failed", sock.peer)
+            log.exception("connection from %s failed", channel.peer)
         finally:
             self.connections -= 1
             with anyio.CancelScope(shield=True):
                 await channel.aclose()
-            log.debug("connection from %s closed", sock.peer)
+            log.debug("connection from %s closed", channel.peer)

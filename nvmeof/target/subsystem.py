@@ -11,6 +11,7 @@ import attrs
 from nvmeof.spec.fabrics import DISCOVERY_NQN
 
 if TYPE_CHECKING:
+    from nvmeof.target.auth import HostAuthConfig
     from nvmeof.target.controller import Controller
     from nvmeof.target.namespace import Namespace
 
@@ -40,6 +41,8 @@ class Subsystem:
     model_number: str = "GPUCache KV target"
     allow_any_host: bool = True
     hosts: set[str] = attrs.Factory(set)
+    # DH-HMAC-CHAP: hosts that must authenticate (nvmf_subsystem_add_host dhchap_key), by NQN.
+    host_auth: dict[str, HostAuthConfig] = attrs.Factory(dict)
     max_namespaces: int = 32
     namespaces: dict[int, Namespace] = attrs.Factory(dict)
     controllers: dict[int, Controller] = attrs.Factory(dict)
@@ -50,6 +53,10 @@ class Subsystem:
 
     def host_allowed(self, hostnqn: str) -> bool:
         return self.allow_any_host or hostnqn in self.hosts
+
+    def auth_config(self, hostnqn: str) -> HostAuthConfig | None:
+        """The DH-HMAC-CHAP settings ``hostnqn`` must authenticate with, or None (no auth)."""
+        return self.host_auth.get(hostnqn)
 
     def listener_allowed(self, address: ListenAddress | None) -> bool:
         """May a host connect through ``address`` (None: not through a listener)?"""
@@ -123,6 +130,15 @@ class Target:
             raise ValueError(f"subsystem {subsystem.nqn} already exists")
         self.subsystems[subsystem.nqn] = subsystem
         return subsystem
+
+    def restrict_cntlids(self, residue: int, modulus: int) -> None:
+        """Allocate only controller IDs with ``cntlid % modulus == residue``: each worker process
+        of one target (``nvmeof.target.workers``) owns one residue class, so a CNTLID names its
+        worker."""
+        if not 0 <= residue < modulus:
+            raise ValueError(f"residue {residue} not in 0..{modulus - 1}")
+        first = residue or modulus
+        self._cntlids = itertools.cycle(range(first, MAX_CNTLID + 1, modulus))
 
     def allocate_cntlid(self, subsystem: Subsystem) -> int:
         for _ in range(MAX_CNTLID):

@@ -376,6 +376,29 @@ class ControllerConnection(PduConnection):
         self._cur_icd = bytearray()
         self._cur_pull: _Pull | None = None
 
+    @classmethod
+    def resumed(
+        cls,
+        params: ConnectionParams,
+        *,
+        max_in_capsule_data: int = 8192,
+        max_c2h_data: int = 131072,
+        receive_buffer_size: int = 65536,
+    ) -> ControllerConnection:
+        """A connection whose ICReq/ICResp exchange was done elsewhere (a process that accepted
+        the socket, answered the ICReq and handed the socket over): READY, with ``params``."""
+        conn = cls(
+            maxh2cdata=params.maxh2cdata,
+            cpda=params.cpda,
+            max_in_capsule_data=max_in_capsule_data,
+            max_c2h_data=max_c2h_data,
+            receive_buffer_size=receive_buffer_size,
+            allow_digests=params.header_digest or params.data_digest,
+        )
+        conn.params = params
+        conn._state = _S.READY
+        return conn
+
     # -- API -------------------------------------------------------------------------------------
     def set_max_in_capsule_data(self, n: int) -> None:
         """Admin queue 8192; I/O queues IOCCSZ*16-64, settable after Connect."""

@@ -18,6 +18,7 @@ from nvmeof.spec.status import GenericStatus, Status
 from nvmeof.tcp.connection import (
     CommandReceived,
     ConnectionClosed,
+    ConnectionParams,
     ControllerConnection,
     DataDigestError,
     DataReceived,
@@ -215,14 +216,22 @@ class TcpControllerChannel:
         *,
         maxh2cdata: int = 1 << 20,
         allow_digests: bool = True,
+        negotiated: ConnectionParams | None = None,
     ) -> None:
+        """``negotiated``: the ICReq/ICResp exchange was done by whoever handed ``sock`` over
+        (``nvmeof.target.workers``); the connection starts READY with these parameters."""
         self._sock = sock
-        self._conn = ControllerConnection(
-            maxh2cdata=maxh2cdata,
-            max_in_capsule_data=ADMIN_IN_CAPSULE_DATA,
-            max_c2h_data=maxh2cdata,
-            allow_digests=allow_digests,
-        )
+        if negotiated is not None:
+            self._conn = ControllerConnection.resumed(
+                negotiated, max_in_capsule_data=ADMIN_IN_CAPSULE_DATA, max_c2h_data=maxh2cdata
+            )
+        else:
+            self._conn = ControllerConnection(
+                maxh2cdata=maxh2cdata,
+                max_in_capsule_data=ADMIN_IN_CAPSULE_DATA,
+                max_c2h_data=maxh2cdata,
+                allow_digests=allow_digests,
+            )
         self._sender = _Sender(sock, self._conn.data_to_send)
         self._pulls: dict[int, _Pull] = {}
         self._closed = False
