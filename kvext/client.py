@@ -60,7 +60,9 @@ class KVClient:
         *,
         framing: bool = True,
         timeout: float | None = 30.0,
+        tenant: str | bytes | None = None,
     ) -> None:
+        """``tenant`` (LMCache's cache_salt): part of every key's identity (``kvext.keys``)."""
         if nsid is None:
             kv = [n for n, info in sorted(controller.namespaces.items()) if info.csi == KV_CSI]
             if not kv:
@@ -70,6 +72,9 @@ class KVClient:
         self.nsid = nsid
         self.framing = framing
         self.timeout = timeout
+        self.tenant = tenant
+        if tenant is not None:
+            wire_key(b"k", tenant)  # validate now, not on the first put
 
     @classmethod
     @contextlib.asynccontextmanager
@@ -80,11 +85,12 @@ class KVClient:
         *,
         nsid: int | None = None,
         framing: bool = True,
+        tenant: str | bytes | None = None,
         **options: Any,
     ) -> AsyncIterator[KVClient]:
         """Connect a controller (keep alive running) and give a client on its KV namespace."""
         async with Controller.connect(address, subnqn, **options) as controller:
-            yield cls(controller, nsid, framing=framing)
+            yield cls(controller, nsid, framing=framing, tenant=tenant)
 
     # --- single operations ------------------------------------------------------------------
     async def put(
@@ -98,7 +104,9 @@ class KVClient:
         """Store ``value`` (bytes-like, numpy array or torch CPU tensor) under ``key``."""
         layout, payload = describe(value)
         if self.framing:
-            header = ValueHeader.from_layout(layout, key=key_bytes(key), payload_len=len(payload))
+            header = ValueHeader.from_layout(
+                layout, key=key_bytes(key, self.tenant), payload_len=len(payload)
+            )
             out: list[bytes | memoryview] = [header.pack(), payload]
         else:
             out = [payload]
@@ -107,7 +115,7 @@ class KVClient:
             StoreOption.MUST_NOT_EXIST if must_not_exist else 0
         )
         completion = await self.controller.execute_io(
-            store_command(self.nsid, wire_key(key), size, options=options),
+            store_command(self.nsid, wire_key(key, self.tenant), size, options=options),
             out=out,
             timeout=self.timeout,
             check=False,
@@ -138,7 +146,7 @@ class KVClient:
                 raise ValueError(f"value of {key!r} is {completion.dw0} bytes, out is {len(dest)}")
             return out
         layout, _ = describe(out)
-        full = key_bytes(key)
+        full = key_bytes(key, self.tenant)
         scratch = bytearray(header_length(len(full), len(layout.shape)))
         completion = await self._retrieve(key, [memoryview(scratch), dest])
         if completion.dw0 == len(scratch) + len(dest):
@@ -161,7 +169,7 @@ class KVClient:
             header = ValueHeader.unpack(buf)
         except FramingError as exc:
             raise NvmeofError(f"value of {key!r} is not a GPUCache-framed value: {exc}") from exc
-        if header.key != key_bytes(key):
+        if header.key != key_bytes(key, self.tenant):
             # Another key with the same 16-byte hash: that value is not ours.
             raise KeyNotFound(kv_status(KvStatus.KEY_DOES_NOT_EXIST), f"{key!r} (hash collision)")
         return header
@@ -169,7 +177,7 @@ class KVClient:
     async def _retrieve(self, key: Key, into: Sequence[memoryview]) -> Completion:
         size = sum(len(v) for v in into)
         completion = await self.controller.execute_io(
-            retrieve_command(self.nsid, wire_key(key), size),
+            retrieve_command(self.nsid, wire_key(key, self.tenant), size),
             into=into,
             timeout=self.timeout,
             check=False,
@@ -189,7 +197,7 @@ class KVClient:
 
     async def exists(self, key: Key) -> bool:
         completion = await self.controller.execute_io(
-            exist_command(self.nsid, wire_key(key)), timeout=self.timeout, check=False
+            exist_command(self.nsid, wire_key(key, self.tenant)), timeout=self.timeout, check=False
         )
         if _kv_code(completion) == KvStatus.KEY_DOES_NOT_EXIST:
             return False
@@ -199,7 +207,7 @@ class KVClient:
     async def delete(self, key: Key) -> None:
         """Delete ``key``; deleting an absent key succeeds (the KV default, EDNEK = 0)."""
         completion = await self.controller.execute_io(
-            delete_command(self.nsid, wire_key(key)), timeout=self.timeout, check=False
+            delete_command(self.nsid, wire_key(key, self.tenant)), timeout=self.timeout, check=False
         )
         self._check(completion, key, "delete")
 
@@ -207,7 +215,7 @@ class KVClient:
         """Up to ``max_keys`` wire keys (hashed keys come back as their hashes) from ``start``."""
         size = 4 + max_keys * _LIST_ENTRY_MAX
         buf = bytearray(size)
-        start_key = wire_key(start) if start is not None else b""
+        start_key = wire_key(start, self.tenant) if start is not None else b""
         completion = await self.controller.execute_io(
             list_command(self.nsid, size, start_key=start_key),
             into=[memoryview(buf)],

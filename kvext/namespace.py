@@ -7,6 +7,7 @@ import uuid
 from collections.abc import Mapping
 
 from kvext.engine.base import EngineError, KeyValueEngine
+from kvext.engine.memory import MemoryEngine
 from kvext.spec import (
     KV_CSI,
     KV_IO_COMMAND_EFFECTS,
@@ -55,6 +56,8 @@ class KeyValueNamespace:
         self.nsid = 0
         self.uuid = ns_uuid or uuid.uuid4()
         self.error_on_delete_of_missing_key = False  # Feature 0x20 EDNEK
+        # A DRAM engine never waits: its commands can complete inside the receive loop.
+        self._synchronous = isinstance(engine, MemoryEngine)
 
     # --- identify ---------------------------------------------------------------------------
     def identify_namespace(self) -> bytes:
@@ -125,48 +128,98 @@ class KeyValueNamespace:
             raise _status(KvStatus.INVALID_KEY_SIZE)
         return fields.key
 
+    def execute_now(self, request: Request) -> CommandResult | None:
+        """Execute a command that needs no waiting, synchronously; None if it needs ``execute``.
+
+        On a DRAM engine every command but a Store whose data is not in the capsule completes
+        here, so the target answers it from its receive loop without a task per command.
+        """
+        if not self._synchronous:
+            return None
+        cmd = request.command
+        fields = KvCommandFields.from_command(cmd)
+        opcode = cmd.opcode
+        if opcode == KvOpcode.STORE and fields.size and not _carries_value(request, fields):
+            return None  # the value still has to come (R2T and H2CData)
+        engine = self.engine
+        assert isinstance(engine, MemoryEngine)
+        try:
+            if opcode == KvOpcode.STORE:
+                key, options = self._check_store(request, fields)
+                value = request.in_capsule if fields.size else engine.allocate(0)
+                assert value is not None
+                engine.store(key, value, **options)
+                return CommandResult()
+            if opcode == KvOpcode.RETRIEVE:
+                return _retrieved(engine.retrieve(self._key(fields)), fields)
+            if opcode == KvOpcode.DELETE:
+                return self._deleted(engine.delete(self._key(fields)))
+            if opcode == KvOpcode.FLUSH:
+                return CommandResult()  # DRAM: nothing is more durable than it already is
+            return self._index_command(opcode, fields)
+        except EngineError as exc:
+            raise CommandError(kv_status(exc.kv_status), str(exc)) from exc
+
     async def execute(self, request: Request, channel: ControllerChannel) -> CommandResult:
+        done = self.execute_now(request)
+        if done is not None:
+            return done
         cmd = request.command
         fields = KvCommandFields.from_command(cmd)
         opcode = cmd.opcode
         try:
             if opcode == KvOpcode.STORE:
-                return await self._store(request, channel, fields)
+                key, options = self._check_store(request, fields)
+                if _carries_value(request, fields):
+                    value = request.in_capsule  # the connection's own buffer: keep it, no copy
+                else:
+                    value = self.engine.allocate(fields.size)
+                    if fields.size:
+                        await channel.pull(request, value)
+                assert value is not None
+                await self.engine.store_async(key, value, **options)
+                return CommandResult()
             if opcode == KvOpcode.RETRIEVE:
-                key = self._key(fields)
-                value = await self.engine.retrieve_async(key)
-                length = min(fields.size, len(value))
-                return CommandResult(dw0=len(value), data=[value[:length]] if length else ())
-            if opcode == KvOpcode.EXIST:
-                if not self.engine.exists(self._key(fields)):
-                    raise _status(KvStatus.KEY_DOES_NOT_EXIST)
-                return CommandResult()
+                return _retrieved(await self.engine.retrieve_async(self._key(fields)), fields)
             if opcode == KvOpcode.DELETE:
-                existed = await self.engine.delete_async(self._key(fields))
-                if not existed and self.error_on_delete_of_missing_key:
-                    raise _status(KvStatus.KEY_DOES_NOT_EXIST)
-                return CommandResult()
-            if opcode == KvOpcode.LIST:
-                start = self._key(fields, allow_empty=True)
-                limit = max(0, (fields.size - 4) // _ENTRY_MIN)
-                keys = self.engine.list_keys(start, limit)
-                return CommandResult(data=[encode_key_list(keys, fields.size)])
+                return self._deleted(await self.engine.delete_async(self._key(fields)))
             if opcode == KvOpcode.FLUSH:
                 await self.engine.flush()
                 return CommandResult()
+            return self._index_command(opcode, fields)
         except EngineError as exc:
             raise CommandError(kv_status(exc.kv_status), str(exc)) from exc
+
+    def _index_command(self, opcode: int, fields: KvCommandFields) -> CommandResult:
+        """Exist and List: every engine keeps its index in memory."""
+        if opcode == KvOpcode.EXIST:
+            if not self.engine.exists(self._key(fields)):
+                raise _status(KvStatus.KEY_DOES_NOT_EXIST)
+            return CommandResult()
+        if opcode == KvOpcode.LIST:
+            start = self._key(fields, allow_empty=True)
+            limit = max(0, (fields.size - 4) // _ENTRY_MIN)
+            keys = self.engine.list_keys(start, limit)
+            return CommandResult(data=[encode_key_list(keys, fields.size)])
         raise CommandError(
             Status.generic(GenericStatus.INVALID_OPCODE), f"KV opcode 0x{opcode:02x}"
         )
 
-    async def _store(
-        self, request: Request, channel: ControllerChannel, fields: KvCommandFields
-    ) -> CommandResult:
+    def _deleted(self, existed: bool) -> CommandResult:
+        if not existed and self.error_on_delete_of_missing_key:
+            raise _status(KvStatus.KEY_DOES_NOT_EXIST)
+        return CommandResult()
+
+    def _check_store(
+        self, request: Request, fields: KvCommandFields
+    ) -> tuple[bytes, dict[str, bool]]:
+        """Validate a Store before any data moves, so a refused Store costs no transfer."""
         key = self._key(fields)
         size = fields.size
         options = StoreOption(fields.options & 0x7)
-        if StoreOption.MUST_EXIST in options and StoreOption.MUST_NOT_EXIST in options:
+        must_exist = StoreOption.MUST_EXIST in options
+        must_not_exist = StoreOption.MUST_NOT_EXIST in options
+        if must_exist and must_not_exist:
             raise _invalid_field("store options: must-exist and must-not-exist together")
         if size > self.engine.limits.max_value_length:
             raise _status(KvStatus.INVALID_VALUE_SIZE)
@@ -175,21 +228,18 @@ class KeyValueNamespace:
                 Status.generic(GenericStatus.DATA_SGL_LENGTH_INVALID),
                 f"SGL length {request.command.dptr.length} < value size {size}",
             )
-        # Check the options before moving data, so a refused Store costs no transfer.
-        if StoreOption.MUST_EXIST in options and not self.engine.exists(key):
+        if must_exist and not self.engine.exists(key):
             raise _status(KvStatus.KEY_DOES_NOT_EXIST)
-        if StoreOption.MUST_NOT_EXIST in options and self.engine.exists(key):
+        if must_not_exist and self.engine.exists(key):
             raise _status(KvStatus.KEY_EXISTS)
-        if request.in_capsule is not None and len(request.in_capsule) == size:
-            value = request.in_capsule  # the connection's own buffer: keep it, no copy
-        else:
-            value = self.engine.allocate(size)
-            if size:
-                await channel.pull(request, value)
-        await self.engine.store_async(
-            key,
-            value,
-            must_exist=StoreOption.MUST_EXIST in options,
-            must_not_exist=StoreOption.MUST_NOT_EXIST in options,
-        )
-        return CommandResult()
+        return key, {"must_exist": must_exist, "must_not_exist": must_not_exist}
+
+
+def _carries_value(request: Request, fields: KvCommandFields) -> bool:
+    return request.in_capsule is not None and len(request.in_capsule) == fields.size
+
+
+def _retrieved(value: memoryview, fields: KvCommandFields) -> CommandResult:
+    # As much as the host's buffer holds; DW0 tells the host the whole size.
+    length = min(fields.size, len(value))
+    return CommandResult(dw0=len(value), data=[value[:length]] if length else ())

@@ -57,9 +57,38 @@ def build_target(args: argparse.Namespace) -> Any:
             policy=args.eviction,
         )
     subsystem.add_namespace(KeyValueNamespace(engine, name="kv0"))
+    _add_dhchap_hosts(subsystem, getattr(args, "dhchap_host", None) or ())
     _add_block_namespaces(subsystem, args)
     target.add_subsystem(subsystem)
     return target
+
+
+def _add_dhchap_hosts(subsystem: Any, specs: Sequence[str]) -> None:
+    """``--dhchap-host HOSTNQN=SECRET[,CTRL_SECRET]``: that host must authenticate."""
+    from nvmeof.spec.dhchap import DhchapSecret, SecretFormatError
+    from nvmeof.target.auth import HostAuthConfig
+
+    for spec in specs:
+        hostnqn, sep, secrets = spec.partition("=")
+        host_secret, _, ctrl_secret = secrets.partition(",")
+        try:
+            if not sep or not hostnqn or not host_secret:
+                raise SecretFormatError("expected HOSTNQN=SECRET[,CTRL_SECRET]")
+            config = HostAuthConfig(
+                host_key=DhchapSecret.parse(host_secret),
+                ctrl_key=DhchapSecret.parse(ctrl_secret) if ctrl_secret else None,
+            )
+        except SecretFormatError as exc:
+            raise SystemExit(f"--dhchap-host {hostnqn or spec!r}: {exc}") from None
+        subsystem.host_auth[hostnqn] = config
+        subsystem.hosts.add(hostnqn)
+
+
+def cmd_gen_dhchap_key(args: argparse.Namespace) -> int:
+    from nvmeof.spec.dhchap import DhchapSecret
+
+    print(DhchapSecret.generate(args.key_length, transform=args.hmac))
+    return 0
 
 
 def _add_block_namespaces(subsystem: Any, args: argparse.Namespace) -> None:
@@ -294,6 +323,13 @@ def _client_options(args: argparse.Namespace) -> dict[str, Any]:
         "header_digest": args.header_digest,
         "data_digest": args.data_digest,
         "timeout": args.timeout,
+        **({"hostnqn": args.hostnqn} if getattr(args, "hostnqn", None) else {}),
+        **({"dhchap_secret": args.dhchap_secret} if getattr(args, "dhchap_secret", None) else {}),
+        **(
+            {"dhchap_ctrl_secret": args.dhchap_ctrl_secret}
+            if getattr(args, "dhchap_ctrl_secret", None)
+            else {}
+        ),
     }
 
 
@@ -444,7 +480,23 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="worker processes sharing the KV namespace, each with capacity/N (docs/workers.md)",
     )
+    target.add_argument(
+        "--dhchap-host",
+        action="append",
+        metavar="HOSTNQN=SECRET[,CTRL_SECRET]",
+        help="this host must authenticate with DH-HMAC-CHAP (CTRL_SECRET: bidirectional)",
+    )
     target.set_defaults(func=cmd_target)
+
+    gen_key = sub.add_parser(
+        "gen-dhchap-key", help="print a new DH-HMAC-CHAP secret (as nvme gen-dhchap-key)"
+    )
+    gen_key.add_argument(
+        "-m", "--hmac", type=int, choices=[0, 1, 2, 3], default=1,
+        help="key transformation hash: 0 none, 1 SHA-256, 2 SHA-384, 3 SHA-512",
+    )  # fmt: skip
+    gen_key.add_argument("-l", "--key-length", type=int, choices=[32, 48, 64], default=32)
+    gen_key.set_defaults(func=cmd_gen_dhchap_key)
 
     check_flash = sub.add_parser("check-flash", help="verify a flash device's records")
     check_flash.add_argument("path")
@@ -460,6 +512,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--header-digest", action="store_true")
         p.add_argument("--data-digest", action="store_true")
         p.add_argument("--timeout", type=float, default=10.0, help="seconds per command")
+        p.add_argument("--hostnqn", help="host NQN (default: /etc/nvme/hostnqn or derived)")
+        p.add_argument("--dhchap-secret", help="DH-HMAC-CHAP host secret (DHHC-1:hh:...:)")
+        p.add_argument(
+            "--dhchap-ctrl-secret", help="controller secret: authenticate the target too"
+        )
         p.set_defaults(func=cmd_client(name))
         return p
 

@@ -17,8 +17,9 @@ time. Where pyverbs raises ``PyverbsRDMAError`` on a post, this raises ``VerbsEr
 errno a provider would give).
 
 Simplifications (documented, not hidden): one port per context, RC QPs only, no atomics or memory
-windows, completions are always signalled, a responder QP stays usable after it NAKs a bad rkey,
-and a stalled link delays work requests indefinitely (no transport retry timeout).
+windows, completions are always signalled, and a stalled link delays work requests indefinitely
+(no transport retry timeout). A responder that NAKs a bad rkey moves to the error state too (as
+with IBV_EVENT_QP_ACCESS_ERR), so nothing sent after the bad request is delivered.
 """
 
 from __future__ import annotations
@@ -487,6 +488,7 @@ class QP:
                 remote, wr.rkey, wr.remote_addr, len(payload), Access.REMOTE_WRITE
             )
             if target is None:
+                remote.to_error()  # the responder's QP fails too (IBV_EVENT_QP_ACCESS_ERR)
                 self._acked(pending, WcStatus.REM_ACCESS_ERR)
                 return
             if opcode is WrOpcode.RDMA_WRITE:
@@ -538,6 +540,7 @@ class QP:
         wr = pending.wr
         source = _remote_span(remote, wr.rkey, wr.remote_addr, size, Access.REMOTE_READ)
         if source is None:
+            remote.to_error()  # the responder's QP fails too (IBV_EVENT_QP_ACCESS_ERR)
             self._acked(pending, WcStatus.REM_ACCESS_ERR)
             return
         data = bytes(source)  # the responder's DMA read, at the time the request arrives

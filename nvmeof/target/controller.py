@@ -218,7 +218,11 @@ class Controller:
         if opcode == AdminOpcode.GET_FEATURES:
             return CommandResult(dw0=self.get_feature(FeatureParameters.from_command(cmd)))
         if opcode == AdminOpcode.GET_LOG_PAGE:
-            return CommandResult(data=[self.log_page(LogPageParameters.from_command(cmd))])
+            params = LogPageParameters.from_command(cmd)
+            if params.length > self.limits.max_transfer_size:
+                # NUMD reaches 16 GiB; the page is zero-padded to it (found by fuzzing: OOM).
+                raise invalid_field(f"log page length {params.length} exceeds MDTS")
+            return CommandResult(data=[self.log_page(params)])
         if opcode == AdminOpcode.ASYNC_EVENT_REQUEST:
             if len(self.pending_async_events) >= self.limits.max_async_events:
                 raise CommandError(

@@ -15,7 +15,7 @@ import anyio.lowlevel
 
 from nvmeof.errors import CommandError, ConnectionLost
 from nvmeof.spec.auth import MAX_AUTH_TRANSFER, AuthCommandFields
-from nvmeof.spec.command import AdminOpcode, Command
+from nvmeof.spec.command import AdminOpcode, Command, DataDirection
 from nvmeof.spec.completion import SQHD_FLOW_CONTROL_DISABLED, Completion
 from nvmeof.spec.fabrics import (
     CONNECT_AUTHREQ_ATR,
@@ -71,6 +71,28 @@ def _trim(data: Sequence[Buffer], limit: int) -> list[Buffer]:
     return out
 
 
+class _ByteBudget:
+    """Bytes in flight on one connection; a command waits until its data fits."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = max(limit, 1)
+        self.used = 0
+        self._freed = anyio.Event()
+
+    async def acquire(self, size: int) -> int:
+        size = min(size, self.limit)  # one command larger than the budget runs alone
+        while self.used + size > self.limit:
+            await self._freed.wait()
+        self.used += size
+        return size
+
+    def release(self, size: int) -> None:
+        if size:
+            self.used -= size
+            self._freed.set()
+            self._freed = anyio.Event()
+
+
 class QueueSession:
     """The target side of one queue: which controller and QID it belongs to, once connected."""
 
@@ -96,6 +118,7 @@ class QueueSession:
         # DH-HMAC-CHAP on this queue (the host must authenticate before anything else).
         self.auth: ControllerAuthentication | None = None
         self._close_after_reply = False
+        self._in_flight = _ByteBudget(target.limits.max_in_flight_bytes)
         self.log: logging.LoggerAdapter[logging.Logger] = logging.LoggerAdapter(log, {})
 
     # --- transport callbacks -----------------------------------------------------------------
@@ -108,8 +131,57 @@ class QueueSession:
             completion = self._completion(cid, status, 0, 0)
             self.task_group.start_soon(self.channel.complete, request, completion)
             return
+        if self._serve_now(request):
+            return
         self._active.add(cid)
         self.task_group.start_soon(self.serve, request)
+
+    def _serve_now(self, request: Request) -> bool:
+        """Serve an I/O command that needs no waiting right here in the receive loop.
+
+        A DRAM Retrieve or an in-capsule Store then costs no task, no slot and no scheduling;
+        its completion is queued and goes out with the others in the loop's next send.
+        """
+        complete_now = getattr(self.channel, "complete_nowait", None)
+        controller = self.controller
+        cmd = request.command
+        if (
+            complete_now is None
+            or controller is None
+            or self.qid == 0
+            or not controller.ready
+            or cmd.opcode == AdminOpcode.FABRICS
+        ):
+            return False
+        execute_now = getattr(controller.subsystem.namespaces.get(cmd.nsid), "execute_now", None)
+        if execute_now is None:
+            return False
+        data: Sequence[Buffer] = ()
+        try:
+            self._check_authenticated()
+            result = execute_now(request)
+            if result is None:
+                return False
+            completion = self._completion(cmd.cid, Status(), result.dw0, result.dw1)
+            data = _trim(result.data, cmd.dptr.length)
+        except CommandError as exc:
+            completion = self._completion(cmd.cid, exc.status, exc.dw0, 0)
+        except Exception:
+            self.log.exception("%s cid %d opcode 0x%02x crashed", self._tag(), cmd.cid, cmd.opcode)
+            completion = self._completion(
+                cmd.cid, Status.generic(GenericStatus.INTERNAL_ERROR), 0, 0
+            )
+        self._trace(cmd, completion, data)
+        complete_now(request, completion, data)
+        return True
+
+    def _trace(self, cmd: Command, completion: Completion, data: Sequence[Buffer]) -> None:
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "%s cid %d opcode 0x%02x nsid %d -> %s dw0 0x%x, %d data bytes",
+                self._tag(), cmd.cid, cmd.opcode, cmd.nsid, completion.status,
+                completion.dw0, sum(len(b) for b in data),
+            )  # fmt: skip
 
     def on_digest_error(self, cid: int) -> None:
         # In-capsule data failed its digest: fail that command, keep the connection (as SPDK).
@@ -127,9 +199,17 @@ class QueueSession:
                 self._slots.acquire_nowait()  # the host keeps within SQSIZE: no yield needed
             except anyio.WouldBlock:
                 await self._slots.acquire()
+            pending = 0
             try:
+                # Data the host will send (R2T) is buffered here: bound it per connection.
+                cmd = request.command
+                if request.in_capsule is None and (
+                    cmd.data_direction == DataDirection.HOST_TO_CONTROLLER
+                ):
+                    pending = await self._in_flight.acquire(cmd.dptr.length)
                 await self._serve_one(request)
             finally:
+                self._in_flight.release(pending)
                 self._slots.release()
         finally:
             self._active.discard(request.command.cid)
@@ -154,12 +234,7 @@ class QueueSession:
             completion = self._completion(
                 cmd.cid, Status.generic(GenericStatus.INTERNAL_ERROR), 0, 0
             )
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug(
-                "%s cid %d opcode 0x%02x nsid %d -> %s dw0 0x%x, %d data bytes",
-                self._tag(), cmd.cid, cmd.opcode, cmd.nsid, completion.status,
-                completion.dw0, sum(len(b) for b in data),
-            )  # fmt: skip
+        self._trace(cmd, completion, data)
         # The host may reuse the CID as soon as it sees this completion: free it first.
         self._active.discard(cmd.cid)
         await self.channel.complete(request, completion, data)

@@ -82,11 +82,21 @@ class TargetServer:
         """Serve one queue's connection (any byte stream: TCP, or the simulator's) that came in
         through the listener ``address``; ``negotiated``: its ICReq was already answered (a
         supervisor handed it over, ``nvmeof.target.workers``)."""
+        limits = self.target.limits
+        if self.connections >= limits.max_connections:
+            log.warning(
+                "connection from %s refused: %d connections (max_connections)",
+                sock.peer, self.connections,
+            )  # fmt: skip
+            with anyio.CancelScope(shield=True):
+                await sock.aclose()
+            return
         channel = TcpControllerChannel(
             sock,
-            maxh2cdata=self.target.limits.maxh2cdata,
+            maxh2cdata=limits.maxh2cdata,
             allow_digests=self.allow_digests,
             negotiated=negotiated,
+            header_timeout=limits.header_timeout,
         )
         await self.serve_channel(channel, address)
 

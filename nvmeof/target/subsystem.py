@@ -108,6 +108,10 @@ class TargetLimits:
     maxh2cdata: int = 1 << 20
     keep_alive_granularity_ms: int = 1000  # KAS, in 100 ms units on the wire
     max_async_events: int = 4  # AERL + 1
+    # Resource limits against slow or hostile peers (docs/security.md).
+    max_connections: int = 4096  # TCP connections (queues) served at once, all hosts together
+    max_in_flight_bytes: int = 256 << 20  # host-to-controller data buffered per connection
+    header_timeout: float = 30.0  # seconds a peer may stall before its ICReq or inside a PDU
 
 
 class Target:

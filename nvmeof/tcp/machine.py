@@ -181,6 +181,12 @@ class PduConnection:
         self._out.append(TermReq(fes, fei).to_bytes(self._term_type))
         self._state = _S.ERROR
 
+    @property
+    def between_pdus(self) -> bool:
+        """Connected and idle at a PDU boundary (no partial PDU held). A peer that stalls
+        anywhere else (before its ICReq, inside a header or payload) is one to time out."""
+        return self._state is _S.READY and self._phase is _Phase.CH and self._rstart == self._rend
+
     def wants(self) -> memoryview:
         """The non-empty view the next received bytes must land in."""
         self._check_open()

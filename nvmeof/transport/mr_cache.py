@@ -111,13 +111,14 @@ class MrCache:
         if view.readonly and access & (Access.LOCAL_WRITE | Access.REMOTE_WRITE):
             raise RegistrationError("a read-only buffer cannot receive data")
         addr = buffer_address(view)
-        owner: object = view.obj if view.obj is not None else view
+        owner = _owner(view)
         root = _root_view(owner, view)
         base = buffer_address(root)
         entry = self._entries.get(base)
+        # While an entry holds its owner, no other object can live at its addresses: an entry
+        # covering these bytes is this buffer's memory, whichever view of it we were given.
         if (
             entry is not None
-            and entry.owner is owner
             and entry.access & access == access
             and base <= addr
             and addr + len(view) <= base + entry.length
@@ -128,7 +129,7 @@ class MrCache:
         if entry is not None:
             self._drop(base)
         self.misses += 1
-        want = access | (entry.access if entry is not None and entry.owner is owner else 0)
+        want = access | (entry.access if entry is not None else 0)
         if root.readonly:
             want &= ~(Access.LOCAL_WRITE | Access.REMOTE_WRITE)
         mr = self._register(root, Access(want))
@@ -140,8 +141,7 @@ class MrCache:
     def forget(self, buffer: Buffer) -> None:
         """Deregister ``buffer``'s region now (a peer may no longer reach it)."""
         view = _flat(buffer)
-        owner: object = view.obj if view.obj is not None else view
-        base = buffer_address(_root_view(owner, view))
+        base = buffer_address(_root_view(_owner(view), view))
         if base in self._entries:
             self._drop(base)
 
@@ -162,6 +162,15 @@ class MrCache:
     def close(self) -> None:
         for base in list(self._entries):
             self._drop(base)
+
+
+def _owner(view: memoryview) -> object:
+    """The object that owns the memory: the exporter, followed down numpy's ``base`` chain (so
+    every ``arr.reshape(-1).view(uint8)`` of one array finds the same owner)."""
+    owner: object = view.obj if view.obj is not None else view
+    while (base := getattr(owner, "base", None)) is not None and base is not owner:
+        owner = base
+    return owner
 
 
 def _root_view(owner: object, view: memoryview) -> memoryview:

@@ -316,7 +316,7 @@ class PyverbsConnector:
     """The host side of RDMA-CM (``nvmeof.transport.verbs.RdmaConnector``)."""
 
     def __init__(self, *, poll_mode: bool = False, timeout_ms: int = 2000) -> None:
-        load_pyverbs()
+        require_device()
         self.poll_mode = poll_mode
         self.timeout_ms = timeout_ms
 
@@ -415,6 +415,7 @@ class PyverbsListener:
 
     def __init__(self, host: str, port: int = 4420, *, poll_mode: bool = False) -> None:
         self.pv = pv = load_pyverbs()
+        require_device()
         ce = pv.cm_enums
         self.host = host
         self.port = port

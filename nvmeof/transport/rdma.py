@@ -64,6 +64,7 @@ log = logging.getLogger("nvmeof.transport.rdma")
 
 DEFAULT_PORT = 4420
 HOST_IN_CAPSULE_ROOM = 8192  # the most in-capsule data a host send buffer holds
+REGISTER_MIN = 16384  # smaller buffers are copied through a registered bounce buffer
 _CID = struct.Struct("<H")
 
 _TAG_SHIFT = 40
@@ -355,7 +356,7 @@ class RdmaHostChannel:
                 mr = self._ep.register(target, access)
             state.own_mr = mr
             return keyed_sgl(mr.addr, total, mr.rkey, invalidate=True)
-        if len(buffers) == 1:
+        if len(buffers) == 1 and total >= REGISTER_MIN:
             try:
                 sge = self.cache.lookup(buffers[0], access)
             except RegistrationError:
@@ -386,7 +387,8 @@ class RdmaHostChannel:
         if found is not None:
             found[1].close()
         buf = bytearray(max(size, 4096))
-        mr = self._ep.register(memoryview(buf), Access.LOCAL_WRITE | access | Access.REMOTE_READ)
+        everything = Access.LOCAL_WRITE | Access.REMOTE_READ | Access.REMOTE_WRITE
+        mr = self._ep.register(memoryview(buf), everything | access)
         self._bounces[cid] = (buf, mr)
         return buf, mr
 

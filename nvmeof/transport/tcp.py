@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import struct
 from collections.abc import Callable, Sequence
 
@@ -217,10 +218,13 @@ class TcpControllerChannel:
         maxh2cdata: int = 1 << 20,
         allow_digests: bool = True,
         negotiated: ConnectionParams | None = None,
+        header_timeout: float = math.inf,
     ) -> None:
         """``negotiated``: the ICReq/ICResp exchange was done by whoever handed ``sock`` over
-        (``nvmeof.target.workers``); the connection starts READY with these parameters."""
+        (``nvmeof.target.workers``); the connection starts READY with these parameters.
+        ``header_timeout``: seconds a peer may stall before its ICReq or inside a PDU."""
         self._sock = sock
+        self._header_timeout = header_timeout
         if negotiated is not None:
             self._conn = ControllerConnection.resumed(
                 negotiated, max_in_capsule_data=ADMIN_IN_CAPSULE_DATA, max_c2h_data=maxh2cdata
@@ -255,7 +259,15 @@ class TcpControllerChannel:
                 event = self._conn.next_event()
                 if event is None:
                     await self._sender.flush()
-                    n = await self._sock.recv_into(self._conn.wants())
+                    stall = math.inf if self._conn.between_pdus else self._header_timeout
+                    with anyio.move_on_after(stall) as waiting:
+                        n = await self._sock.recv_into(self._conn.wants())
+                    if waiting.cancelled_caught:
+                        log.warning(
+                            "[%s] peer stalled %ss inside a PDU (or before ICReq): closing",
+                            self.peer, stall,
+                        )  # fmt: skip
+                        return
                     self._conn.received(n)
                     continue
                 if isinstance(event, DataReceived):
@@ -312,9 +324,10 @@ class TcpControllerChannel:
         if pull.error is not None:
             raise pull.error
 
-    async def complete(
+    def complete_nowait(
         self, request: Request, completion: Completion, data: Sequence[Buffer] = ()
     ) -> None:
+        """Queue the data and the completion; the receive loop sends them before it waits."""
         if self._closed:
             return
         if data:
@@ -322,6 +335,13 @@ class TcpControllerChannel:
         cqe = bytearray(16)
         completion.pack_into(cqe)
         self._conn.send_response(cqe)
+
+    async def complete(
+        self, request: Request, completion: Completion, data: Sequence[Buffer] = ()
+    ) -> None:
+        if self._closed:
+            return
+        self.complete_nowait(request, completion, data)
         try:
             await self._sender.flush()
         except ConnectionLost:

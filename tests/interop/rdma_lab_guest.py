@@ -1,0 +1,87 @@
+"""Run inside the lab guest (Python 3.11 + pyverbs, rdma_rxe): our NVMe/RDMA target and initiator.
+
+    python3 -m tests.interop.rdma_lab_guest serve ADDR PORT NQN    target: KV ns 1, RAM block ns 2
+    python3 -m tests.interop.rdma_lab_guest kv ADDR PORT NQN       our initiator: put/get figures
+    python3 -m tests.interop.rdma_lab_guest block ADDR PORT NQN    our initiator: block write/read
+
+Each client mode prints one JSON line (``RESULT {...}``).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import anyio
+
+
+async def serve(addr: str, port: int, nqn: str) -> None:
+    from nvmeof.target.bdev.malloc import MallocBdev
+    from nvmeof.target.rdma_server import serve_rdma
+    from nvmeof.target.server import TargetServer
+    from nvmeof.testing import make_kv_target
+    from nvmeof.transport.pyverbs_backend import PyverbsListener
+
+    target = make_kv_target(nqn=nqn, capacity=256 << 20, max_value_length=4 << 20)
+    target.subsystems[nqn].add_namespace(
+        MallocBdev("Malloc0", (64 << 20) >> 9, 512).make_namespace(), 2
+    )
+    server = TargetServer(target)
+    async with anyio.create_task_group() as tg:
+        await tg.start(serve_rdma, server, PyverbsListener(addr, port))
+        print("READY", flush=True)
+
+
+async def kv(addr: str, port: int, nqn: str) -> None:
+    from kvext.client import KVClient
+    from nvmeof.initiator.controller import Controller
+
+    result: dict[str, float] = {}
+    async with Controller.connect((addr, port), nqn, transport="rdma", kato_ms=0) as ctrl:
+        client = KVClient(ctrl, framing=False)
+        for size in (4096, 1 << 20):
+            value = bytearray(b"\xa5" * size)
+            out = bytearray(size)
+            count = max(8, (64 << 20) // size)
+            start = time.perf_counter()
+            for i in range(count):
+                await client.put(b"k%d" % (i % 64), value)
+            put_s = time.perf_counter() - start
+            start = time.perf_counter()
+            for i in range(count):
+                await client.get(b"k%d" % (i % 64), out=out)
+            get_s = time.perf_counter() - start
+            assert out == value
+            result[f"put_{size}_MBps"] = count * size / put_s / 1e6
+            result[f"get_{size}_MBps"] = count * size / get_s / 1e6
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+async def block(addr: str, port: int, nqn: str) -> None:
+    from nvmeof.initiator.block import BlockNamespaceClient
+    from nvmeof.initiator.controller import Controller
+
+    async with Controller.connect((addr, port), nqn, transport="rdma", kato_ms=0) as ctrl:
+        client = BlockNamespaceClient(ctrl)
+        await client.identify()
+        data = bytes(range(256)) * 512  # 128 KiB
+        await client.write(64, data)
+        back = await client.read(64, len(data) // 512)
+        print(
+            "RESULT "
+            + json.dumps(
+                {"ok": bytes(back) == data, "sgls": ctrl.identify.sgls if ctrl.identify else 0}
+            ),
+            flush=True,
+        )
+
+
+def main() -> None:
+    mode, addr, port, nqn = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+    fn = {"serve": serve, "kv": kv, "block": block}[mode]
+    anyio.run(fn, addr, port, nqn)
+
+
+if __name__ == "__main__":
+    main()
