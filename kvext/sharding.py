@@ -214,6 +214,21 @@ class ShardedNamespace(KeyValueNamespace):
         out["forwarded"] = self.forwarded
         return out
 
+    def execute_now(self, request: Request) -> CommandResult | None:
+        """The synchronous fast path, for this worker's own keys only: a foreign key, a List
+        and a Flush need the other workers (``execute``)."""
+        cmd = request.command
+        opcode = cmd.opcode
+        if opcode in _FORWARDED:
+            fields = KvCommandFields.from_command(cmd)
+            if 0 < fields.key_length <= len(fields.key):
+                peer = owner(fields.key, self.shard_map.workers)
+                if peer != self.shard_map.index:
+                    return None
+        elif opcode in (KvOpcode.LIST, KvOpcode.FLUSH):
+            return None
+        return super().execute_now(request)
+
     async def execute(self, request: Request, channel: ControllerChannel) -> CommandResult:
         cmd = request.command
         opcode = cmd.opcode

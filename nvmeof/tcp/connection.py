@@ -52,7 +52,6 @@ from nvmeof.tcp.pdu import (
     CQE_SIZE,
     FEI_CCCID,
     FEI_DATAL,
-    FEI_DATAO,
     FEI_DIGEST,
     FEI_FLAGS,
     FEI_MAXH2CDATA,
@@ -299,27 +298,7 @@ class HostConnection(PduConnection):
                 FEI_CCCID,
                 hdr_bytes,
             )
-        if hdr.datal != self._datal:
-            raise self._fail(
-                f"DATAL {hdr.datal} != PLEN-PDO-DDGST {self._datal}",
-                _FES.INVALID_HEADER_FIELD,
-                FEI_DATAL,
-                hdr_bytes,
-            )
-        if hdr.datao != read.received:
-            raise self._fail(
-                f"DATAO {hdr.datao}, expected {read.received}",
-                _FES.INVALID_HEADER_FIELD,
-                FEI_DATAO,
-                hdr_bytes,
-            )
-        if hdr.datao + hdr.datal > read.scatter.total:
-            raise self._fail(
-                f"C2HData {hdr.datao}+{hdr.datal} beyond {read.scatter.total}",
-                _FES.DATA_TRANSFER_OUT_OF_RANGE,
-                FEI_DATAL,
-                hdr_bytes,
-            )
+        self._check_data_window(hdr.datao, hdr.datal, read.received, read.scatter.total, hdr_bytes)
         self._cur_read = read
         self._cur_cccid = hdr.cccid
         self._cur_success = success
@@ -536,35 +515,14 @@ class ControllerConnection(PduConnection):
                 FEI_TTAG,
                 hdr_bytes,
             )
-        if hdr.datal != self._datal:
-            raise self._fail(
-                f"DATAL {hdr.datal} != PLEN-PDO-DDGST {self._datal}",
-                _FES.INVALID_HEADER_FIELD,
-                FEI_DATAL,
-                hdr_bytes,
-            )
-        if hdr.datal > self._maxh2cdata:
+        if hdr.datal > self._maxh2cdata and hdr.datal == self._datal:
             raise self._fail(
                 f"H2CData DATAL {hdr.datal} > MAXH2CDATA {self._maxh2cdata}",
                 _FES.DATA_TRANSFER_LIMIT_EXCEEDED,
                 FEI_DATAL,
                 hdr_bytes,
             )
-        if hdr.datao != pull.received:
-            raise self._fail(
-                f"H2CData DATAO {hdr.datao}, expected {pull.received}",
-                _FES.INVALID_HEADER_FIELD,
-                FEI_DATAO,
-                hdr_bytes,
-            )
-        if hdr.datao + hdr.datal > len(pull.into):
-            # SPDK: FES 0x04 with the offset of DATAL
-            raise self._fail(
-                f"H2CData {hdr.datao}+{hdr.datal} beyond the R2T window {len(pull.into)}",
-                _FES.DATA_TRANSFER_OUT_OF_RANGE,
-                FEI_DATAL,
-                hdr_bytes,
-            )
+        self._check_data_window(hdr.datao, hdr.datal, pull.received, len(pull.into), hdr_bytes)
         self._cur_pull = pull
         self._cur_sqe = bytearray()
         self._expect_payload([pull.into[hdr.datao : hdr.datao + hdr.datal]])

@@ -26,6 +26,8 @@ from nvmeof.tcp.pdu import (
     ALLOWED_FLAGS,
     COMMON_HEADER_SIZE,
     DIGEST_SIZE,
+    FEI_DATAL,
+    FEI_DATAO,
     FEI_FLAGS,
     FEI_PDO,
     FEI_PLEN,
@@ -250,6 +252,34 @@ class PduConnection:
         self._out.append(TermReq(fes, fei).to_bytes(self._term_type, offending))
         self._state = _S.ERROR
         return PduError(message, fes=fes, fei=fei)
+
+    def _check_data_window(
+        self, datao: int, datal: int, expected: int, window: int, header_bytes: int
+    ) -> None:
+        """A data PDU (H2CData or C2HData) must say how much it carries (DATAL = PLEN - PDO -
+        DDGST), continue exactly where the last one ended, and stay inside its transfer."""
+        if datal != self._datal:
+            raise self._fail(
+                f"DATAL {datal} != PLEN-PDO-DDGST {self._datal}",
+                _FES.INVALID_HEADER_FIELD,
+                FEI_DATAL,
+                header_bytes,
+            )
+        if datao != expected:
+            raise self._fail(
+                f"DATAO {datao}, expected {expected}",
+                _FES.INVALID_HEADER_FIELD,
+                FEI_DATAO,
+                header_bytes,
+            )
+        if datao + datal > window:
+            # SPDK: FES 0x04 with the offset of DATAL
+            raise self._fail(
+                f"data {datao}+{datal} beyond the transfer of {window} bytes",
+                _FES.DATA_TRANSFER_OUT_OF_RANGE,
+                FEI_DATAL,
+                header_bytes,
+            )
 
     def _advance(self, n: int) -> None:
         self._payload_left -= n

@@ -71,15 +71,17 @@ def load_pyverbs() -> Any:
                 raise RdmaUnavailable(f"{INSTALL_HINT} ({exc})") from None
         else:
             raise RdmaUnavailable(INSTALL_HINT) from None
-    import pyverbs.cm_enums
-    import pyverbs.cmid
-    import pyverbs.cq
-    import pyverbs.device
-    import pyverbs.enums
-    import pyverbs.mr
-    import pyverbs.qp
-    import pyverbs.wr
-
+    try:
+        import pyverbs.cm_enums
+        import pyverbs.cmid
+        import pyverbs.cq
+        import pyverbs.device
+        import pyverbs.enums
+        import pyverbs.mr
+        import pyverbs.qp
+        import pyverbs.wr
+    except ImportError as exc:  # e.g. built for another Python, or libpython missing
+        raise RdmaUnavailable(f"pyverbs does not load here ({exc}). {INSTALL_HINT}") from None
     return pyverbs
 
 
@@ -335,7 +337,7 @@ class PyverbsConnector:
         channel = pv.cmid.CMEventChannel()
         cmid = pv.cmid.CMID(channel)
         try:
-            info = pv.cmid.AddrInfo(dst=host, service=str(port), port_space=ce.RDMA_PS_TCP)
+            info = pv.cmid.AddrInfo(dst=host, dst_service=str(port), port_space=ce.RDMA_PS_TCP)
             cmid.resolve_addr(info, self.timeout_ms)
             _expect(pv, channel, ce.RDMA_CM_EVENT_ADDR_RESOLVED).ack_cm_event()
             cmid.resolve_route(self.timeout_ms)
@@ -423,7 +425,7 @@ class PyverbsListener:
         self.channel = pv.cmid.CMEventChannel()
         self.cmid = pv.cmid.CMID(self.channel)
         info = pv.cmid.AddrInfo(
-            src=host, service=str(port), port_space=ce.RDMA_PS_TCP, flags=ce.RAI_PASSIVE
+            src=host, src_service=str(port), port_space=ce.RDMA_PS_TCP, flags=ce.RAI_PASSIVE
         )
         try:
             self.cmid.bind_addr(info)

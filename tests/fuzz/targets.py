@@ -10,6 +10,7 @@ every saved input without it.
 
 from __future__ import annotations
 
+import contextlib
 import struct
 from collections.abc import Callable, Sequence
 
@@ -69,14 +70,10 @@ def capsules(data: bytes) -> None:
         Command.unpack_from(data)
     if len(data) >= 16:
         Completion.unpack_from(data)
-    try:
+    with contextlib.suppress(ConnectDataError):
         ConnectData.unpack(data)
-    except ConnectDataError:
-        pass
-    try:
+    with contextlib.suppress(AuthMessageError):
         decode_message(data)
-    except AuthMessageError:
-        pass
     for decode in (
         DiscoveryLogHeader.unpack,
         DiscoveryEntry.unpack,
@@ -85,12 +82,10 @@ def capsules(data: bytes) -> None:
         decode_key_list,
         ValueHeader.unpack,
     ):
-        try:
+        # Short/garbled structures raise ValueError (struct.error for a buffer shorter than a
+        # fixed layout, which the callers size themselves); nothing else may escape.
+        with contextlib.suppress(ValueError, FramingError, struct.error):
             decode(data)  # type: ignore[operator]
-        except (ValueError, FramingError, struct.error):
-            # documented: short/garbled structures raise ValueError (struct.error for a buffer
-            # shorter than a fixed layout, which the callers size themselves)
-            pass
 
 
 # --- the target's command dispatch ----------------------------------------------------------------

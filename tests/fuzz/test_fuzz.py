@@ -34,11 +34,12 @@ def test_fuzz_briefly(name: str, tmp_path: Path) -> None:
     corpus.mkdir()
     seeds = REGRESSIONS / name
     args = [str(corpus)] + ([str(seeds)] if seeds.is_dir() else [])
+    command = [
+        sys.executable, str(HERE / "run.py"), name, f"-max_total_time={SECONDS}",
+        "-rss_limit_mb=1024", "-timeout=10", f"-artifact_prefix={tmp_path}/", *args,
+    ]  # fmt: skip
     run = subprocess.run(
-        [
-            sys.executable, str(HERE / "run.py"), name, f"-max_total_time={SECONDS}",
-            "-rss_limit_mb=1024", "-timeout=10", f"-artifact_prefix={tmp_path}/", *args,
-        ],  # fmt: skip
+        command,
         capture_output=True,
         text=True,
         timeout=SECONDS + 60,

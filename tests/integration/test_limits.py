@@ -59,11 +59,13 @@ async def test_idle_connected_peer_is_not_timed_out() -> None:
     limits = TargetLimits(header_timeout=0.3)
     target = make_kv_target(capacity=16 << 20, limits=limits)
     with anyio.fail_after(20):
-        async with serve_target(target) as rt:
-            async with KVClient.connect(rt.address, rt.nqn, timeout=10.0, kato_ms=0) as client:
-                await client.put("a", b"1")
-                await anyio.sleep(1.0)
-                assert await client.get("a") == b"1"
+        async with (
+            serve_target(target) as rt,
+            KVClient.connect(rt.address, rt.nqn, timeout=10.0, kato_ms=0) as client,
+        ):
+            await client.put("a", b"1")
+            await anyio.sleep(1.0)
+            assert await client.get("a") == b"1"
 
 
 async def test_max_connections() -> None:
@@ -86,9 +88,11 @@ async def test_in_flight_bytes_bounded_per_connection() -> None:
     limits = TargetLimits(max_in_flight_bytes=64 << 10)
     target = make_kv_target(capacity=64 << 20, limits=limits)
     with anyio.fail_after(30):
-        async with serve_target(target) as rt:
-            async with KVClient.connect(rt.address, rt.nqn, io_queues=1, timeout=20.0) as c:
-                values = {f"big{i}": bytes([i]) * (40 << 10) for i in range(16)}
-                await c.put_many(values.items())
-                got = await c.get_many(list(values))
-                assert got == list(values.values())
+        async with (
+            serve_target(target) as rt,
+            KVClient.connect(rt.address, rt.nqn, io_queues=1, timeout=20.0) as c,
+        ):
+            values = {f"big{i}": bytes([i]) * (40 << 10) for i in range(16)}
+            await c.put_many(values.items())
+            got = await c.get_many(list(values))
+            assert got == list(values.values())
