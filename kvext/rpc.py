@@ -23,8 +23,9 @@ from kvext.bdev import (
     KvFlashBdev,
     KvMallocBdev,
 )
-from nvmeof.target.app import BdevName, TargetApp
+from nvmeof.target.app import TargetApp
 from nvmeof.target.rpc import RpcError, RpcErrorCode, RpcMethods, decode_params
+from nvmeof.target.rpc_methods import BdevName
 
 
 @attrs.frozen
@@ -122,7 +123,7 @@ async def bdev_kvflash_delete(app: TargetApp, params: object) -> object:
 
 
 def register_kv_methods(methods: RpcMethods) -> RpcMethods:
-    """Add the KV bdev methods to a registry (from ``nvmeof.target.app.core_methods()``)."""
+    """Add the KV bdev methods to a registry (from ``nvmeof.target.rpc_methods.core_methods()``)."""
     for handler in (
         bdev_kvmalloc_create,
         bdev_kvmalloc_delete,

@@ -169,9 +169,10 @@ async def _serve_target(args: argparse.Namespace, target: Any) -> None:
     changed live over SPDK's JSON-RPC (``nvmeof.target.app``)."""
     from kvext.rpc import register_kv_methods
     from nvmeof.initiator.controller import parse_address
-    from nvmeof.target.app import TargetApp, core_methods
+    from nvmeof.target.app import TargetApp
     from nvmeof.target.config import apply_config, load_config_file
     from nvmeof.target.rpc import DEFAULT_RPC_SOCKET, RpcSocketInUse
+    from nvmeof.target.rpc_methods import core_methods
     from nvmeof.target.subsystem import ListenAddress
 
     config = load_config_file(args.json) if args.json is not None else None

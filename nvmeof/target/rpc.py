@@ -2,7 +2,7 @@
 the Unix-socket server, so SPDK's own client (``spdk-rpc`` / ``rpc.py``) drives a GPUCache target.
 
 The methods themselves live with what they act on: the target's (bdev, nvmf, framework) in
-``nvmeof.target.app``, the KV bdevs' in ``kvext.rpc``, which extends a registry from
+``nvmeof.target.rpc_methods``, the KV bdevs' in ``kvext.rpc``, which extends a registry from
 ``core_methods()`` (the target core never imports the KV command set).
 
 Errors use SPDK's codes and messages (``lib/jsonrpc`` and each module's ``rpc_*.c``): the code and

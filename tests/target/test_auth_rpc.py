@@ -9,8 +9,9 @@ import pytest
 
 from kvext.rpc import register_kv_methods
 from nvmeof.spec.dhchap import DhchapSecret
-from nvmeof.target.app import TargetApp, core_methods
+from nvmeof.target.app import TargetApp
 from nvmeof.target.rpc import RpcError
+from nvmeof.target.rpc_methods import core_methods
 
 pytestmark = pytest.mark.anyio
 

@@ -10,9 +10,10 @@ from typing import Any
 import pytest
 
 from kvext.rpc import register_kv_methods
-from nvmeof.target.app import TargetApp, core_methods
+from nvmeof.target.app import TargetApp
 from nvmeof.target.config import ConfigError, apply_config, load_config_file, parse_config
 from nvmeof.target.rpc import JsonStream, JsonStreamError, RpcError, RpcState, answer
+from nvmeof.target.rpc_methods import core_methods
 
 pytestmark = pytest.mark.anyio
 
