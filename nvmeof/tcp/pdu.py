@@ -324,6 +324,10 @@ Psh: TypeAlias = (
 )
 
 
+_HDGSTF = int(PduFlags.HDGSTF)
+_DDGSTF = int(PduFlags.DDGSTF)
+
+
 def build_header(
     psh: Psh,
     *,
@@ -348,7 +352,8 @@ def build_header(
     else:
         pdo = 0
         size = hlen + (DIGEST_SIZE if header_digest else 0)
-    flags |= (PduFlags.HDGSTF if header_digest else 0) | (PduFlags.DDGSTF if data_digest else 0)
+    # plain ints: IntFlag arithmetic is slow, and this runs for every PDU sent
+    flags = int(flags) | (_HDGSTF if header_digest else 0) | (_DDGSTF if data_digest else 0)
     plen = size + data_length + (DIGEST_SIZE if data_digest else 0)
     out = bytearray(size)
     _CH.pack_into(out, 0, pdu_type, flags, hlen, pdo, plen)
