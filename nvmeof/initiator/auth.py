@@ -108,6 +108,7 @@ async def authenticate(
     )
     success = await session.receive(Success1)
     if options.ctrl_secret is None or c2 is None:
+        _authenticated(queue, hash_id, group, bidirectional=False)
         return
     if group is not DhGroupId.NULL:
         c2 = augmented_challenge(hash_id, session_key, c2)
@@ -118,6 +119,16 @@ async def authenticate(
     if success.response is None or not responses_equal(expected, success.response):
         await session.fail(FailureExplanation.FAILED, "controller response does not match")
     await session.send(Success2(t_id=t_id))
+    _authenticated(queue, hash_id, group, bidirectional=True)
+
+
+def _authenticated(
+    queue: QueuePair, hash_id: HashId, group: DhGroupId, *, bidirectional: bool
+) -> None:
+    log.debug(
+        "[%d/%d] authenticated (%s, %s)%s", queue.cntlid, queue.qid, hash_id.name, group.name,
+        ", bidirectional" if bidirectional else "",
+    )  # fmt: skip
 
 
 def _check_challenge(

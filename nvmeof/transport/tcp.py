@@ -259,15 +259,19 @@ class TcpControllerChannel:
                 event = self._conn.next_event()
                 if event is None:
                     await self._sender.flush()
-                    stall = math.inf if self._conn.between_pdus else self._header_timeout
-                    with anyio.move_on_after(stall) as waiting:
+                    if self._conn.between_pdus:
+                        # An idle queue is keep-alive's business: no timer (and no cancel scope,
+                        # which costs on every receive).
                         n = await self._sock.recv_into(self._conn.wants())
-                    if waiting.cancelled_caught:
-                        log.warning(
-                            "[%s] peer stalled %ss inside a PDU (or before ICReq): closing",
-                            self.peer, stall,
-                        )  # fmt: skip
-                        return
+                    else:
+                        with anyio.move_on_after(self._header_timeout) as waiting:
+                            n = await self._sock.recv_into(self._conn.wants())
+                        if waiting.cancelled_caught:
+                            log.warning(
+                                "[%s] peer stalled %ss inside a PDU (or before ICReq): closing",
+                                self.peer, self._header_timeout,
+                            )  # fmt: skip
+                            return
                     self._conn.received(n)
                     continue
                 if isinstance(event, DataReceived):
