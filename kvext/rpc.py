@@ -3,12 +3,18 @@
 (name, uuid, max_key_size, max_value_size, optimal_value_granularity, numa_id; ours besides:
 capacity_bytes, eviction), and ours for the flash engine, ``bdev_kvflash_create`` /
 ``bdev_kvflash_delete``, named in the same style.
+
+``bdev_kv_get_stats {name?}`` (ours) reports every KV namespace's counters per tier
+(``kvext.stats``): the namespaces of every subsystem, the command line's default one included
+(it is no bdev), then the KV bdevs that are in no subsystem; ``name`` picks one by namespace or
+bdev name. ``gpucache stats`` prints it.
 """
 
 from __future__ import annotations
 
 import errno
 import inspect
+import json
 import uuid
 from typing import Any
 
@@ -23,6 +29,8 @@ from kvext.bdev import (
     KvFlashBdev,
     KvMallocBdev,
 )
+from kvext.namespace import KeyValueNamespace
+from kvext.stats import namespace_stats
 from nvmeof.target.app import TargetApp
 from nvmeof.target.rpc import RpcError, RpcErrorCode, RpcMethods, decode_params
 from nvmeof.target.rpc_methods import BdevName
@@ -49,6 +57,11 @@ class KvFlashCreate:
     size: int | None = None  # create (or grow) a regular file to this many bytes
     format: bool = False  # format a device that holds something else (destroys it)
     dram_size: int = 0  # a DRAM tier in front of the flash (0: none)
+
+
+@attrs.frozen
+class KvGetStats:
+    name: str | None = None
 
 
 def _decode_failed(detail: str) -> RpcError:
@@ -122,6 +135,34 @@ async def bdev_kvflash_delete(app: TargetApp, params: object) -> object:
     return True
 
 
+async def bdev_kv_get_stats(app: TargetApp, params: object) -> object:
+    p = decode_params(KvGetStats, params, error=_decode_failed)
+    entries: list[dict[str, object]] = []
+    for nqn, subsystem in app.target.subsystems.items():
+        for nsid, namespace in sorted(subsystem.namespaces.items()):
+            if not isinstance(namespace, KeyValueNamespace):
+                continue
+            bdev_name = app.namespace_bdevs.get((nqn, nsid))
+            if p.name is not None and p.name not in (namespace.name, bdev_name):
+                continue
+            entries.append(
+                namespace_stats(
+                    namespace.engine, name=namespace.name, nqn=nqn, nsid=nsid, bdev_name=bdev_name
+                )
+            )
+    for bdev in app.bdevs:
+        if not isinstance(bdev, KvMallocBdev | KvFlashBdev) or app.claimed_by(bdev.name):
+            continue
+        if p.name is not None and p.name != bdev.name:
+            continue
+        entries.append(
+            namespace_stats(bdev.engine, name=bdev.name, nqn=None, nsid=None, bdev_name=bdev.name)
+        )
+    if p.name is not None and not entries:
+        raise RpcError.errno(errno.ENODEV, f"no KV namespace or bdev '{p.name}'")
+    return entries
+
+
 def register_kv_methods(methods: RpcMethods) -> RpcMethods:
     """Add the KV bdev methods to a registry (from ``nvmeof.target.rpc_methods.core_methods()``)."""
     for handler in (
@@ -129,6 +170,7 @@ def register_kv_methods(methods: RpcMethods) -> RpcMethods:
         bdev_kvmalloc_delete,
         bdev_kvflash_create,
         bdev_kvflash_delete,
+        bdev_kv_get_stats,
     ):
         assert inspect.iscoroutinefunction(handler)
         methods.register(handler.__name__, handler)
@@ -163,3 +205,13 @@ def spdk_rpc_plugin_initialize(subparsers: Any) -> None:
     p = subparsers.add_parser("bdev_kvflash_delete", help="Delete a GPUCache flash KV bdev")
     p.add_argument("name", help="flash KV bdev name")
     p.set_defaults(func=delete)
+
+    def get_stats(args: Any) -> None:
+        params = {"name": args.name} if args.name else None
+        print(json.dumps(args.client.call("bdev_kv_get_stats", params), indent=2))
+
+    p = subparsers.add_parser(
+        "bdev_kv_get_stats", help="Counters of the KV namespaces, per tier (DRAM, flash)"
+    )
+    p.add_argument("-b", "--name", help="one namespace or bdev (default: all)")
+    p.set_defaults(func=get_stats)

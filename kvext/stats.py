@@ -117,7 +117,6 @@ def namespace_stats(
 
 # --- printing -------------------------------------------------------------------------------
 COLUMNS = (
-    ("namespace", "<"),
     ("tier", "<"),
     ("hits", ">"),
     ("misses", ">"),
@@ -135,38 +134,40 @@ def _size(n: int) -> str:
     return format_size(n).replace(" ", "")
 
 
-def _namespace_label(entry: Mapping[str, object]) -> str:
-    name = str(entry.get("name") or "-")
+def title(entry: Mapping[str, object]) -> str:
+    """``NQN nsid N (NAME): ENGINE ...``, or ``bdev NAME (no namespace): ...``."""
+    engine = entry.get("engine")
+    details = ""
+    if isinstance(engine, Mapping):
+        details = str(engine.get("engine", ""))
+        flash = engine.get("flash", engine)
+        if isinstance(flash, Mapping) and "path" in flash:
+            details += f", flash {flash['path']} ({flash.get('io_mode')} I/O)"
     if entry.get("nqn") is None:
-        return f"{name} (no namespace)"
-    return f"{entry['nqn']} ns{entry['nsid']} {name}"
+        where = f"bdev {entry.get('name')} (no namespace)"
+    else:
+        where = f"{entry['nqn']} nsid {entry['nsid']} ({entry.get('name')})"
+    return f"{where}: {details}" if details else where
 
 
-def format_stats(entries: Sequence[Mapping[str, object]]) -> str:
-    """A table, one row per tier of each namespace; byte counts in binary units."""
+def _table(tiers: Sequence[TierStats]) -> list[str]:
     rows = [[name for name, _ in COLUMNS]]
-    for entry in entries:
-        tiers = entry.get("tiers")
-        assert isinstance(tiers, list)
-        label = _namespace_label(entry)
-        for i, raw in enumerate(tiers):
-            t = TierStats.from_json(raw)
-            ratio = t.hit_ratio
-            rows.append(
-                [
-                    label if i == 0 else "",
-                    t.tier,
-                    str(t.hits),
-                    str(t.misses),
-                    "-" if ratio is None else f"{ratio:.3f}",
-                    str(t.evictions),
-                    _size(t.bytes_in),
-                    _size(t.bytes_out),
-                    _size(t.used_bytes),
-                    _size(t.capacity_bytes),
-                    "-" if t.crc_dropped is None else str(t.crc_dropped),
-                ]
-            )
+    for t in tiers:
+        ratio = t.hit_ratio
+        rows.append(
+            [
+                t.tier,
+                str(t.hits),
+                str(t.misses),
+                "-" if ratio is None else f"{ratio:.3f}",
+                str(t.evictions),
+                _size(t.bytes_in),
+                _size(t.bytes_out),
+                _size(t.used_bytes),
+                _size(t.capacity_bytes),
+                "-" if t.crc_dropped is None else str(t.crc_dropped),
+            ]
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS))]
     lines = []
     for j, r in enumerate(rows):
@@ -174,4 +175,17 @@ def format_stats(entries: Sequence[Mapping[str, object]]) -> str:
         lines.append("  ".join(parts).rstrip())
         if j == 0:
             lines.append("  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return lines
+
+
+def format_stats(entries: Sequence[Mapping[str, object]]) -> str:
+    """Per namespace a title line, then a table with one row per tier (bytes in binary units)."""
+    if not entries:
+        return "no KV namespaces"
+    blocks = []
+    for entry in entries:
+        tiers = entry.get("tiers")
+        if not isinstance(tiers, list):
+            raise ValueError(f"stats entry without tiers: {entry!r}")
+        blocks.append("\n".join([title(entry), *_table([TierStats.from_json(t) for t in tiers])]))
+    return "\n\n".join(blocks)

@@ -382,6 +382,34 @@ def cmd_client(action: str) -> Any:
     return run
 
 
+def cmd_stats(args: argparse.Namespace) -> int:
+    """Ask a running target (over its JSON-RPC socket) for its KV namespaces' counters."""
+    import json
+
+    from kvext.stats import format_stats
+    from nvmeof.target.rpc import DEFAULT_RPC_SOCKET
+    from nvmeof.target.rpc_client import RpcCallError, rpc_call
+
+    path = args.rpc_socket or DEFAULT_RPC_SOCKET
+    params = {"name": args.name} if args.name else None
+    try:
+        entries = rpc_call(path, "bdev_kv_get_stats", params, timeout=args.timeout)
+    except RpcCallError as exc:
+        log.error("stats: %s: %s", path, exc)
+        return 1
+    except OSError as exc:
+        log.error("stats: cannot reach a target at %s: %s", path, exc.strerror or exc)
+        return 1
+    if args.json:
+        print(json.dumps(entries, indent=2))
+        return 0
+    if not isinstance(entries, list):
+        log.error("stats: %s answered %r, not a list", path, entries)
+        return 1
+    print(format_stats(entries))
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from bench.kv_throughput import main as bench_main
 
@@ -537,6 +565,20 @@ def build_parser() -> argparse.ArgumentParser:
     disc.add_argument("--json", action="store_true", help="print JSON (as nvme-cli -o json)")
     disc.set_defaults(func=cmd_discover)
 
+    stats = sub.add_parser(
+        "stats", help="a running target's KV counters per namespace and tier (over JSON-RPC)"
+    )
+    stats.add_argument(
+        "-r",
+        "--rpc-socket",
+        metavar="PATH",
+        help="the target's JSON-RPC Unix socket (default /var/tmp/spdk.sock)",
+    )
+    stats.add_argument("-b", "--name", help="only this namespace or bdev")
+    stats.add_argument("--json", action="store_true", help="print bdev_kv_get_stats' JSON")
+    stats.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for it")
+    stats.set_defaults(func=cmd_stats)
+
     bench = sub.add_parser("bench", help="measure put/get throughput and latency on loopback")
     from bench.kv_throughput import add_arguments
 
@@ -560,7 +602,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    client = ("put", "get", "exists", "delete", "list", "discover")
+    client = ("put", "get", "exists", "delete", "list", "discover", "stats")
     _setup_logging(args.verbose, client=args.command in client)
     return int(args.func(args))
 

@@ -145,13 +145,12 @@ async def test_fragment_corrupted_on_flash_reads_right_and_scrub_rebuilds_it(
                 if n not in killed
             )
             victims = [
-                Victim("coded-0", read_target, await _fragment(cluster, read_target, "coded-0")),
-                Victim("small", ranked("small")[0], b""),
-                Victim(unread_key, unread_target, b""),
-            ]
-            victims = [
-                attrs.evolve(v, fragment=v.fragment or await _fragment(cluster, v.target, v.key))
-                for v in victims
+                Victim(key, target, await _fragment(cluster, target, key))
+                for key, target in (
+                    ("coded-0", read_target),
+                    ("small", ranked("small")[0]),
+                    (unread_key, unread_target),
+                )
             ]
             for v in victims:
                 _corrupt_on_disk(targets[v.target].flash, object_id(v.key), v.fragment)

@@ -1,0 +1,203 @@
+"""QueuePair against a scripted channel: CIDs, many commands in flight, timeouts, lost links.
+
+The command seam (httpx's MockTransport): no sockets, the channel records submissions and the
+test decides when each completion arrives.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+
+import anyio
+import pytest
+
+from nvmeof.errors import CommandTimeout, ConnectionLost, NvmeError
+from nvmeof.initiator.queue import QueuePair
+from nvmeof.spec.command import Command
+from nvmeof.spec.completion import Completion
+from nvmeof.spec.status import GenericStatus, Status
+from nvmeof.transport.base import Buffer
+
+pytestmark = pytest.mark.anyio
+
+
+class ScriptedChannel:
+    trtype = "scripted"
+    peer = "script"
+    max_in_capsule_data = 8192
+
+    def __init__(self) -> None:
+        self.submitted: list[tuple[int, Command]] = []
+        self.forgotten: list[int] = []
+        self.reads = 0
+        self._send, self._receive = anyio.create_memory_object_stream[Completion | None](100)
+        self.closed = False
+
+    async def submit(
+        self,
+        command: Command,
+        *,
+        cid: int,
+        out: Sequence[Buffer] = (),
+        into: Sequence[memoryview] = (),
+    ) -> None:
+        self.submitted.append((cid, command))
+
+    async def next_completion(self) -> Completion:
+        self.reads += 1
+        item = await self._receive.receive()
+        if item is None:
+            raise ConnectionLost("scripted link dropped")
+        return item
+
+    def complete(self, cid: int, status: Status | None = None, dw0: int = 0) -> None:
+        self._send.send_nowait(Completion(cid=cid, status=status or Status(), dw0=dw0))
+
+    def drop(self) -> None:
+        self._send.send_nowait(None)
+
+    def close_streams(self) -> None:
+        self._send.close()
+        self._receive.close()
+
+    def forget(self, cid: int) -> None:
+        self.forgotten.append(cid)
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+async def _settled(predicate: Callable[[], object]) -> None:
+    """Let every other task run until it blocks, then check where things stand."""
+    await anyio.wait_all_tasks_blocked()
+    assert predicate()
+
+
+@pytest.fixture
+def channel() -> Iterator[ScriptedChannel]:
+    scripted = ScriptedChannel()
+    yield scripted
+    scripted.close_streams()
+
+
+async def test_many_commands_in_flight_complete_out_of_order(channel: ScriptedChannel) -> None:
+    queue = QueuePair(channel, qid=1, depth=8)
+    results: dict[int, int] = {}
+
+    async def one(i: int) -> None:
+        completion = await queue.execute(Command(opcode=0x02, nsid=i))
+        results[i] = completion.dw0
+
+    async with anyio.create_task_group() as tg:
+        for i in range(8):
+            tg.start_soon(one, i)
+        await _settled(lambda: len(channel.submitted) == 8)
+        assert queue.in_flight == 8
+        cids = [cid for cid, _ in channel.submitted]
+        assert sorted(cids) == list(range(8))  # distinct CIDs, all slots used
+        for cid, command in reversed(channel.submitted):
+            channel.complete(cid, dw0=100 + command.nsid)
+    assert results == {i: 100 + i for i in range(8)}
+    assert queue.peak_in_flight == 8
+    assert queue.in_flight == 0
+
+
+async def test_depth_bounds_the_commands_on_the_wire(channel: ScriptedChannel) -> None:
+    queue = QueuePair(channel, qid=1, depth=2)
+    async with anyio.create_task_group() as tg:
+        for _ in range(5):
+            tg.start_soon(queue.execute, Command(opcode=0x02))
+        completed = 0
+        while completed < 5:
+            # never more than two on the wire; the others wait for a slot
+            await _settled(lambda: 1 <= len(channel.submitted) - completed <= 2)
+            cid, _ = channel.submitted[completed]
+            channel.complete(cid)
+            completed += 1
+    assert len(channel.submitted) == 5
+    assert queue.peak_in_flight == 2
+
+
+async def test_error_status_raises_with_the_status(channel: ScriptedChannel) -> None:
+    queue = QueuePair(channel, qid=1, depth=4)
+    status = Status.generic(GenericStatus.INVALID_FIELD)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(_complete_first, channel, status)
+        with pytest.raises(NvmeError) as info:
+            await queue.execute(Command(opcode=0x02))
+    assert info.value.status == status
+
+
+async def _complete_first(channel: ScriptedChannel, status: Status) -> None:
+    await _settled(lambda: channel.submitted)
+    channel.complete(channel.submitted[0][0], status)
+
+
+async def test_a_timed_out_cid_is_not_reused_until_its_late_completion(
+    channel: ScriptedChannel,
+) -> None:
+    queue = QueuePair(channel, qid=1, depth=2)
+    with pytest.raises(CommandTimeout):
+        await queue.execute(Command(opcode=0x02), timeout=0.05)
+    ((late_cid, _),) = channel.submitted
+    assert channel.forgotten == [late_cid]  # its buffers were dropped at once
+    # One slot is still held by the abandoned command: the next command gets the other CID.
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(queue.execute, Command(opcode=0x02))
+        await _settled(lambda: len(channel.submitted) == 2)
+        second_cid = channel.submitted[1][0]
+        assert second_cid != late_cid
+        channel.complete(late_cid)  # the late completion frees the old CID ...
+        channel.complete(second_cid)
+    assert queue.in_flight == 0
+    async with anyio.create_task_group() as tg:  # ... and both slots are usable again
+        tg.start_soon(queue.execute, Command(opcode=0x02))
+        tg.start_soon(queue.execute, Command(opcode=0x02))
+        await _settled(lambda: len(channel.submitted) == 4)
+        for cid, _ in channel.submitted[2:]:
+            channel.complete(cid)
+
+
+async def test_connection_lost_reaches_every_waiter(channel: ScriptedChannel) -> None:
+    queue = QueuePair(channel, qid=1, depth=8)
+    errors: list[BaseException] = []
+
+    async def one() -> None:
+        try:
+            await queue.execute(Command(opcode=0x02))
+        except ConnectionLost as exc:
+            errors.append(exc)
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(6):
+            tg.start_soon(one)
+        await _settled(lambda: len(channel.submitted) == 6)
+        channel.drop()
+    assert len(errors) == 6
+    assert not queue.connected
+    with pytest.raises(ConnectionLost):
+        await queue.execute(Command(opcode=0x02))
+
+
+async def test_one_reader_at_a_time_and_it_hands_over(channel: ScriptedChannel) -> None:
+    """Whoever waits reads; when its own completion came, another waiter takes over reading."""
+    queue = QueuePair(channel, qid=1, depth=4)
+    done: list[int] = []
+
+    async def one(i: int) -> None:
+        await queue.execute(Command(opcode=0x02, nsid=i))
+        done.append(i)
+
+    async with anyio.create_task_group() as tg:
+        for i in range(3):
+            tg.start_soon(one, i)
+        await _settled(lambda: len(channel.submitted) == 3)
+        by_nsid = {command.nsid: cid for cid, command in channel.submitted}
+        channel.complete(by_nsid[0])
+        await _settled(lambda: done == [0])
+        channel.complete(by_nsid[2])
+        await _settled(lambda: done == [0, 2])
+        channel.complete(by_nsid[1])
+    assert done == [0, 2, 1]
+    # reads: one per completion delivered, plus the reader parked on an empty stream at most
+    assert channel.reads <= 4
