@@ -9,6 +9,13 @@ command per worker. Next to each cell, the same bytes go over a plain loopback s
 process and a child process (``bench.raw_tcp``) with as many messages outstanding: the bound a
 Python NVMe/TCP path can hope for here, and each figure is printed as a ratio to it.
 
+``--flash`` (off by default: it doubles the run and writes to disk) adds a second spawned target,
+backed by a file under ``--flash-dir`` (``/tmp``; O_DIRECT where the filesystem takes it) with no
+DRAM tier (``--dram 0``), so every get reads the device; the same cells run against it. Next to
+them, a baseline (``bench.file_io``): the same values written with ``os.pwrite`` and read with
+``os.preadv`` on a file in the same directory, opened the way the flash engine opens its device,
+from as many threads as commands in flight. Both are printed, and flash as a ratio to the file.
+
 Nothing here judges the numbers; it measures and prints them.
 """
 
@@ -86,6 +93,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="also run every cell against a redis-server it starts, through redis-py (asyncio)",
     )
+    parser.add_argument(
+        "--flash",
+        action="store_true",
+        help="also run every cell against a flash-backed target (a file under --flash-dir, no"
+        " DRAM tier) and against os.pwrite/os.preadv on a file there (off by default)",
+    )
+    parser.add_argument(
+        "--flash-dir",
+        default="/tmp",
+        help="where --flash puts its device and baseline files (default /tmp)",
+    )
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds per command")
     parser.add_argument("--json", metavar="PATH", help="also write the results here as JSON")
 
@@ -124,6 +142,7 @@ class Settings:
     digests: bool
     timeout: float
     compare: bool = False
+    flash: bool = False
 
     @property
     def pool(self) -> int:
@@ -168,6 +187,15 @@ class Cell:
     kv: Stats
     raw: Stats | None
     redis: Stats | None = None
+    flash: Stats | None = None  # the flash-backed target
+    file: Stats | None = None  # os.pwrite / os.preadv on a file
+
+    @property
+    def file_ratio(self) -> float | None:
+        if self.flash is None or self.file is None:
+            return None
+        theirs = self.file.gb_per_s(self.size)
+        return self.flash.gb_per_s(self.size) / theirs if theirs > 0 else None
 
     @property
     def ratio(self) -> float | None:
@@ -206,6 +234,9 @@ class Cell:
             "ratio_to_raw": self.ratio,
             "redis_py": stats(self.redis),
             "ratio_to_redis_py": self.redis_ratio,
+            "flash": stats(self.flash),
+            "file": stats(self.file),
+            "ratio_flash_to_file": self.file_ratio,
         }
 
 
@@ -271,10 +302,43 @@ async def _bench(
     raw: RawServer | None,
     report: Callable[[Cell], None],
     redis_address: tuple[str, int] | None = None,
+    flash: FlashPeer | None = None,
 ) -> list[Cell]:
+    cells: list[Cell] = []
+    async with contextlib.AsyncExitStack() as stack:
+        kv = await stack.enter_async_context(_connect(settings, address, nqn))
+        flash_kv = None
+        if flash is not None:
+            flash_kv = await stack.enter_async_context(_connect(settings, flash.address, nqn))
+        redis = None
+        if redis_address is not None:
+            from bench.redis_peer import redis_client
+
+            redis = redis_client(redis_address, max(settings.inflight))
+        try:
+            for size in settings.sizes:
+                cells += await _bench_size(
+                    kv,
+                    settings,
+                    size,
+                    raw,
+                    report,
+                    redis,
+                    None if flash is None or flash_kv is None else (flash_kv, flash.baseline),
+                )
+        finally:
+            if redis is not None:
+                await redis.aclose()
+                await redis.connection_pool.disconnect()
+    return cells
+
+
+@contextlib.asynccontextmanager
+async def _connect(
+    settings: Settings, address: tuple[str, int], nqn: str
+) -> AsyncIterator[KVClient]:
     from kvext.client import KVClient
 
-    cells: list[Cell] = []
     async with KVClient.connect(
         address,
         nqn,
@@ -287,19 +351,13 @@ async def _bench(
         queues = len(kv.controller.io_queues)
         if queues != settings.queues:
             log.warning("asked for %d I/O queues, the target gave %d", settings.queues, queues)
-        redis = None
-        if redis_address is not None:
-            from bench.redis_peer import redis_client
+        yield kv
 
-            redis = redis_client(redis_address, max(settings.inflight))
-        try:
-            for size in settings.sizes:
-                cells += await _bench_size(kv, settings, size, raw, report, redis)
-        finally:
-            if redis is not None:
-                await redis.aclose()
-                await redis.connection_pool.disconnect()
-    return cells
+
+async def _refill(kv: KVClient, keys: Sequence[bytes], value: bytes) -> None:
+    """Store ``value`` under the keys the target lacks (never stored, or evicted since)."""
+    missing = [k for k in keys if not await kv.exists(k)]
+    await kv.put_many((k, value) for k in missing)
 
 
 async def _bench_size(
@@ -309,6 +367,7 @@ async def _bench_size(
     raw: RawServer | None,
     report: Callable[[Cell], None],
     redis: Any = None,
+    flash: tuple[KVClient, FileBaseline] | None = None,
 ) -> list[Cell]:
     """The put cells, then the get cells, of one value size; its keys are deleted after."""
     cells: list[Cell] = []
@@ -317,14 +376,24 @@ async def _bench_size(
     # One buffer per worker, reused by every cell of this size (and by the raw bound).
     buffers = [bytearray(size) for _ in range(settings.pool)]
     cap = settings.op_cap(size)
-    stored: set[bytes] = set()
 
     async def put(w: int, key: bytes) -> None:
         await kv.put(key, value)
-        stored.add(key)
 
     async def get(w: int, key: bytes) -> None:
         await kv.get(key, out=buffers[w])
+
+    flash_kv, baseline = (None, None) if flash is None else flash
+
+    async def flash_put(w: int, key: bytes) -> None:
+        assert flash_kv is not None
+        await flash_kv.put(key, value)
+
+    async def flash_get(w: int, key: bytes) -> None:
+        assert flash_kv is not None
+        await flash_kv.get(key, out=buffers[w])
+
+    flash_ops = {"put": flash_put, "get": flash_get}
 
     async def redis_put(w: int, key: bytes) -> None:
         await redis.set(key, value)
@@ -338,7 +407,10 @@ async def _bench_size(
 
     for phase, op in (("put", put), ("get", get)):
         if phase == "get":
-            await kv.put_many((k, value) for k in keys if k not in stored)
+            await _refill(kv, keys, value)
+            if flash_kv is not None and baseline is not None:
+                await _refill(flash_kv, keys, value)
+                await anyio.to_thread.run_sync(baseline.fill, value)
         for n in settings.inflight:
             raw_stats: Stats | None = None
             if raw is not None:
@@ -357,18 +429,29 @@ async def _bench_size(
                     for k in keys:
                         await redis.set(k, value)
                 redis_stats = await _kv_cell(n, keys, settings.seconds, cap, redis_ops[phase])
+            kv_stats = await _kv_cell(n, keys, settings.seconds, cap, op)
+            flash_stats: Stats | None = None
+            file_stats: Stats | None = None
+            if flash_kv is not None and baseline is not None:
+                flash_stats = await _kv_cell(n, keys, settings.seconds, cap, flash_ops[phase])
+                if phase == "put":
+                    result = await anyio.to_thread.run_sync(
+                        baseline.run_put, value, n, settings.seconds, cap
+                    )
+                else:
+                    result = await anyio.to_thread.run_sync(
+                        baseline.run_get, size, n, settings.seconds, cap
+                    )
+                file_stats = _raw_stats(result)
             cell = Cell(
-                phase,
-                size,
-                n,
-                await _kv_cell(n, keys, settings.seconds, cap, op),
-                raw_stats,
-                redis_stats,
+                phase, size, n, kv_stats, raw_stats, redis_stats, flash_stats, file_stats
             )
             cells.append(cell)
             report(cell)
     for key in keys:
         await kv.delete(key)
+        if flash_kv is not None:
+            await flash_kv.delete(key)
     if redis is not None:
         await redis.flushall()
     return cells
@@ -389,11 +472,12 @@ COLUMNS = (
     ("vs raw", ">"),
 )
 COMPARE_COLUMNS = (("redis-py ops/s", ">"), ("vs redis-py", ">"))
+FLASH_COLUMNS = (("flash GB/s", ">"), ("flash p50 ms", ">"), ("file GB/s", ">"), ("vs file", ">"))
 
 
-def _row(cell: Cell) -> list[str]:
+def _row(cell: Cell, *, compare: bool = False, flash: bool = False) -> list[str]:
     kv, raw, ratio = cell.kv, cell.raw, cell.ratio
-    return [
+    row = [
         cell.op,
         size_label(cell.size),
         str(cell.inflight),
@@ -405,15 +489,30 @@ def _row(cell: Cell) -> list[str]:
         "-" if raw is None else f"{raw.gb_per_s(cell.size):.3f}",
         "-" if raw is None else f"{raw.p50 * 1e3:.3f}",
         "-" if ratio is None else f"{ratio:.2f}x",
-        "-" if cell.redis is None else f"{cell.redis.ops_per_s():.1f}",
-        "-" if cell.redis_ratio is None else f"{cell.redis_ratio:.2f}x",
     ]
+    if compare:
+        row += [
+            "-" if cell.redis is None else f"{cell.redis.ops_per_s():.1f}",
+            "-" if cell.redis_ratio is None else f"{cell.redis_ratio:.2f}x",
+        ]
+    if flash:
+        row += [
+            "-" if cell.flash is None else f"{cell.flash.gb_per_s(cell.size):.3f}",
+            "-" if cell.flash is None else f"{cell.flash.p50 * 1e3:.3f}",
+            "-" if cell.file is None else f"{cell.file.gb_per_s(cell.size):.3f}",
+            "-" if cell.file_ratio is None else f"{cell.file_ratio:.2f}x",
+        ]
+    return row
 
 
 def format_table(cells: Sequence[Cell]) -> str:
     compare = any(c.redis is not None for c in cells)
-    columns = COLUMNS + COMPARE_COLUMNS if compare else COLUMNS
-    rows = [[name for name, _ in columns], *(_row(c)[: len(columns)] for c in cells)]
+    flash = any(c.flash is not None for c in cells)
+    columns = COLUMNS + (COMPARE_COLUMNS if compare else ()) + (FLASH_COLUMNS if flash else ())
+    rows = [
+        [name for name, _ in columns],
+        *(_row(c, compare=compare, flash=flash) for c in cells),
+    ]
     widths = [max(len(r[i]) for r in rows) for i in range(len(columns))]
     lines = []
     for j, r in enumerate(rows):
@@ -442,6 +541,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         digests=args.digests,
         timeout=args.timeout,
         compare=args.compare,
+        flash=args.flash,
     )
 
 
@@ -503,7 +603,7 @@ def main(args: argparse.Namespace) -> int:
                     file=sys.stderr,
                     flush=True,
                 )
-                log.debug("%s", " ".join(_row(cell)))
+                log.debug("%s", " ".join(_row(cell, compare=settings.compare, flash=settings.flash)))
 
             cells = anyio.run(
                 _bench,

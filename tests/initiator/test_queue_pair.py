@@ -110,7 +110,8 @@ async def test_depth_bounds_the_commands_on_the_wire(channel: ScriptedChannel) -
         completed = 0
         while completed < 5:
             # never more than two on the wire; the others wait for a slot
-            await _settled(lambda: 1 <= len(channel.submitted) - completed <= 2)
+            await anyio.wait_all_tasks_blocked()
+            assert 1 <= len(channel.submitted) - completed <= 2
             cid, _ = channel.submitted[completed]
             channel.complete(cid)
             completed += 1
