@@ -12,6 +12,7 @@ Store is not either.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -59,10 +60,8 @@ class FileBaseline:
 
     def close(self) -> None:
         self.device.close()
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
-        except FileNotFoundError:
-            pass
 
     def fill(self, value: bytes) -> None:
         """Write ``value`` to every slot (before the read cells; not timed)."""
@@ -98,7 +97,9 @@ class FileBaseline:
                 raise EOFError(f"{self.path}: short read at {offset + done}")
             done += n
 
-    def _run(self, inflight: int, seconds: float, max_ops: int, op: Callable[[int, int], None]) -> RawResult:
+    def _run(
+        self, inflight: int, seconds: float, max_ops: int, op: Callable[[int, int], None]
+    ) -> RawResult:
         """``op(worker, slot)`` from ``inflight`` threads; worker w owns slots w, w+n, ..."""
         latencies: list[float] = []
         errors: list[BaseException] = []
@@ -129,4 +130,3 @@ class FileBaseline:
         if errors:
             raise errors[0]
         return RawResult(len(latencies), max(ends) - start, latencies)
-

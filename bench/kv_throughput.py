@@ -28,14 +28,16 @@ import logging
 import math
 import os
 import sys
+import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.to_thread
 import attrs
 
+from bench.file_io import FileBaseline
 from bench.raw_tcp import RawResult, RawServer, spawn_raw_server
 from nvmeof.units import format_size, parse_size
 
@@ -443,9 +445,7 @@ async def _bench_size(
                         baseline.run_get, size, n, settings.seconds, cap
                     )
                 file_stats = _raw_stats(result)
-            cell = Cell(
-                phase, size, n, kv_stats, raw_stats, redis_stats, flash_stats, file_stats
-            )
+            cell = Cell(phase, size, n, kv_stats, raw_stats, redis_stats, flash_stats, file_stats)
             cells.append(cell)
             report(cell)
     for key in keys:
@@ -523,6 +523,55 @@ def format_table(cells: Sequence[Cell]) -> str:
     return "\n".join(lines)
 
 
+# --- the flash target and its baseline ------------------------------------------------------
+@attrs.frozen
+class FlashPeer:
+    address: tuple[str, int]
+    device: str
+    device_size: int
+    baseline: FileBaseline
+
+
+def flash_device_size(settings: Settings, max_value: int) -> int:
+    """A device on which every key of the largest size stays live twice over: the put cells
+    rewrite them, and eviction recycles whole regions, oldest first."""
+    from kvext.engine.record import ALIGN, record_length
+    from kvext.engine.region import checkpoint_size, region_size_for
+
+    region = region_size_for(max_value)
+    usable = region - ALIGN
+    working_set = settings.pool * record_length(max(settings.sizes) + (64 << 10))
+    regions = 2 * -(-working_set // usable) + 3
+    size = ALIGN + checkpoint_size(regions, region) + regions * region
+    return -(-size // (1 << 20)) << 20
+
+
+@contextlib.contextmanager
+def spawn_flash_peer(settings: Settings, directory: str, nqn: str) -> Iterator[FlashPeer]:
+    """A ``gpucache target --flash`` with ``--dram 0`` and a ``FileBaseline``, both in a
+    temporary directory under ``directory`` that goes with them."""
+    from nvmeof.testing import spawn_target
+
+    max_value = max(settings.sizes) + (64 << 10)  # room for the client's framing header
+    size = flash_device_size(settings, max_value)
+    with contextlib.ExitStack() as stack:
+        tmp = stack.enter_context(
+            tempfile.TemporaryDirectory(prefix="gpucache-bench-", dir=directory)
+        )
+        device = os.path.join(tmp, "flash.img")
+        target_args = [
+            "--flash", device, "--flash-size", str(size), "--dram", "0",
+            "--max-value-size", str(max_value), "--no-discovery",
+            "-r", os.path.join(tmp, "rpc.sock"),
+        ]  # fmt: skip
+        target = stack.enter_context(spawn_target(*target_args, nqn=nqn))
+        baseline = FileBaseline(
+            os.path.join(tmp, "file.img"), slots=settings.pool, max_size=max(settings.sizes)
+        )
+        stack.callback(baseline.close)
+        yield FlashPeer(target.address, device, size, baseline)
+
+
 # --- entry point ------------------------------------------------------------------------------
 def _settings(args: argparse.Namespace) -> Settings:
     if args.seconds <= 0:
@@ -582,12 +631,22 @@ def main(args: argparse.Namespace) -> int:
                 from bench.redis_peer import spawn_redis
 
                 redis_address = stack.enter_context(spawn_redis())
+            flash = None
+            if settings.flash:
+                flash = stack.enter_context(spawn_flash_peer(settings, args.flash_dir, args.nqn))
             print(
                 f"gpucache bench: {where}, {args.nqn}; {settings.queues} I/O queues, digests "
                 f"{'on' if settings.digests else 'off'}, backend {args.backend}; "
                 f"{settings.seconds:g} s per cell, raw TCP {settings.raw_seconds:g} s per cell",
                 flush=True,
             )
+            if flash is not None:
+                print(
+                    f"flash: spawned target on {flash.address[0]}:{flash.address[1]} backed by"
+                    f" {flash.device} ({format_size(flash.device_size)}, no DRAM tier); file"
+                    f" baseline {flash.baseline.path} ({flash.baseline.mode.value} I/O)",
+                    flush=True,
+                )
 
             total = len(settings.sizes) * len(settings.inflight) * 2
             done = 0
@@ -603,7 +662,9 @@ def main(args: argparse.Namespace) -> int:
                     file=sys.stderr,
                     flush=True,
                 )
-                log.debug("%s", " ".join(_row(cell, compare=settings.compare, flash=settings.flash)))
+                log.debug(
+                    "%s", " ".join(_row(cell, compare=settings.compare, flash=settings.flash))
+                )
 
             cells = anyio.run(
                 _bench,
@@ -613,6 +674,7 @@ def main(args: argparse.Namespace) -> int:
                 raw,
                 report,
                 redis_address,
+                flash,
                 backend=args.backend,
             )
     except (NvmeofError, OSError, RuntimeError, TimeoutError, ExceptionGroup) as exc:
@@ -632,6 +694,13 @@ def main(args: argparse.Namespace) -> int:
             "redis-py = the same cells against redis-server (no persistence) through redis-py's"
             " asyncio client with hiredis, gets copied into the same buffers; vs redis-py ="
             " our ops/s / theirs."
+        )
+    if settings.flash:
+        print(
+            "flash = the same cells against a second target on a file (--flash-dir), no DRAM"
+            " tier, so every get reads the device; file = the same values with os.pwrite /"
+            " os.preadv on a file there, one thread per command in flight, O_DIRECT when the"
+            " engine would use it; vs file = flash GB/s / file GB/s."
         )
     print(f"total wall time {wall:.1f} s")
     if args.json:

@@ -57,6 +57,7 @@ log = logging.getLogger("ec.cluster")
 
 _FIRST_READ = 64 * 1024  # a get without out= reads this much of each fragment first
 _HEADER_READ = 4096  # a survey (exists, list, repair) reads this much: headers and key
+_UNRECOVERED_ERROR = 0x88  # KV Unrecovered Error: a target found its copy corrupt
 
 
 class ClusterError(NvmeofError):
@@ -515,7 +516,11 @@ class ClusterKV:
                     raise CodecError("fragment length disagrees with its header")
         except CodecError:
             return _Held(link, None, whole)
-        except (TargetUnavailable, NvmeError):
+        except NvmeError as exc:
+            if exc.status.sct == 0 and exc.status.sc == _UNRECOVERED_ERROR:
+                return _Held(link, None, whole)  # the target's own check failed: corrupt
+            return None
+        except TargetUnavailable:
             return None
         return _Held(link, fragment, whole)
 

@@ -34,6 +34,7 @@ class EngineStatus(enum.IntEnum):
     INVALID_VALUE_SIZE = 0x85
     INVALID_KEY_SIZE = 0x86
     KEY_DOES_NOT_EXIST = 0x87
+    UNRECOVERED_ERROR = 0x88
     KEY_EXISTS = 0x89
 
 
@@ -65,6 +66,12 @@ class KeyMissing(EngineError):
     """The key does not exist (retrieve, or store with ``must_exist``)."""
 
     kv_status = EngineStatus.KEY_DOES_NOT_EXIST
+
+
+class Unrecovered(EngineError):
+    """The stored record failed its check (CRC): dropped, never returned. Later reads miss."""
+
+    kv_status = EngineStatus.UNRECOVERED_ERROR
 
 
 class KeyPresent(EngineError):

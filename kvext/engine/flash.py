@@ -43,6 +43,7 @@ from kvext.engine.base import (
     KeyMissing,
     KeyPresent,
     Offload,
+    Unrecovered,
     ValueTooLarge,
     run_inline,
 )
@@ -343,7 +344,9 @@ class FlashEngine:
                 log.warning("record of %r at region %d+%d failed its check; dropped",
                             key, entry.region, entry.offset)  # fmt: skip
                 self._drop(key)
-                break
+                # Say so once (KV Unrecovered Error): a client that keeps copies elsewhere (the
+                # EC cluster) can tell a corrupt fragment from a missing one and repair it.
+                raise Unrecovered(f"stored value of {key!r} failed its CRC check; dropped")
             self._stats.stale_reads += 1
         self._stats.misses += 1
         raise KeyMissing(f"key {key!r} does not exist")

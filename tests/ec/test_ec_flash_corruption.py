@@ -68,15 +68,15 @@ def _map(targets: dict[str, FlashTarget]) -> ClusterMap:
     )
 
 
-def _records(flash: Path, key: bytes) -> list[tuple[int, int, int, int]]:
-    """(seq, file offset of the value, value length, record offset) of every record of ``key``
-    in the flash file, found by walking its ``ALIGN`` boundaries with the record codec."""
+def _records(flash: Path, key: bytes) -> list[tuple[int, int, int]]:
+    """(seq, file offset of the value, value length) of every record of ``key`` in the flash
+    file, oldest first, found by walking its ``ALIGN`` boundaries with the record codec."""
     data = memoryview(flash.read_bytes())
     found = []
     for pos in range(0, len(data), ALIGN):
         header = unpack_header(data[pos:])
         if header is not None and header.kind is RecordKind.VALUE and header.key == key:
-            found.append((header.seq, pos + header.value_offset, header.value_len, pos))
+            found.append((header.seq, pos + header.value_offset, header.value_len))
     return sorted(found)
 
 
@@ -90,7 +90,7 @@ def _corrupt_on_disk(flash: Path, key: bytes, fragment: bytes) -> None:
     """Flip 16 bytes in the middle of the value of ``key``'s newest record, in place."""
     records = _records(flash, key)
     assert records, f"no record of {key.hex()} in {flash}"
-    _, offset, length, _ = records[-1]
+    _, offset, length = records[-1]
     assert length == len(fragment)
     assert _value_at(flash, offset, length) == fragment  # the record holds this very fragment
     at = offset + length // 2
@@ -169,6 +169,9 @@ async def test_fragment_corrupted_on_flash_reads_right_and_scrub_rebuilds_it(
 
             report = await cluster.scrub()
             assert report.objects == len(values)
+            # The unread one is reported corrupt: its target answers Unrecovered Error (0x88)
+            # when its check fails; the two read before were already dropped (just missing).
+            assert report.corrupt == 1
             assert report.rebuilt == len(victims)
             assert report.healthy == len(values) - len(victims)
             assert report.unrecoverable == []
@@ -189,7 +192,7 @@ async def test_fragment_corrupted_on_flash_reads_right_and_scrub_rebuilds_it(
                 parse_fragment(rebuilt, verify=True)
                 records = _records(targets[v.target].flash, object_id(v.key))
                 assert len(records) >= 2
-                _, offset, length, _ = records[-1]
+                _, offset, length = records[-1]
                 assert _value_at(targets[v.target].flash, offset, length) == v.fragment
 
             # Two targets die: coded values now need all four survivors, the corrupted-and-

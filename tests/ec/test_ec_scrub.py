@@ -3,7 +3,7 @@ cluster's KVClient-like API (tensors, out=, exists, delete, list, apply_map move
 
 The fragment is corrupted by overwriting it on its target through a raw ``KVClient`` put of
 altered bytes under the fragment's key (these targets keep values in DRAM; see
-``test_ec_flash_scrub`` for corruption on disk)."""
+``test_ec_flash_corruption`` for corruption on disk)."""
 
 from __future__ import annotations
 

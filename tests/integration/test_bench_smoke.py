@@ -1,4 +1,5 @@
-"""``gpucache bench`` with tiny settings: a spawned target, the raw-TCP bound, a table, JSON.
+"""``gpucache bench`` with tiny settings: a spawned target, the raw-TCP bound, a table, JSON;
+with ``--flash``, a flash-backed target and the file baseline besides.
 
 Behaviour only: the rows, columns and numbers are there and make sense; no figure is judged.
 """
@@ -10,6 +11,7 @@ import math
 import os
 import re
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -22,6 +24,7 @@ HEADER = [
     "op", "size", "inflight", "ops", "ops/s", "GB/s",
     "p50 ms", "p99 ms", "raw GB/s", "raw p50 ms", "vs raw",
 ]  # fmt: skip
+FLASH_HEADER = ["flash GB/s", "flash p50 ms", "file GB/s", "vs file"]
 
 
 def _table_rows(out: str) -> list[list[str]]:
@@ -109,3 +112,45 @@ def test_compare_runs_the_same_cells_against_redis(capsys: pytest.CaptureFixture
         ours_vs_redis = re.split(r"\s{2,}", row.strip())[-1]
         assert ours_vs_redis.endswith("x")
         assert float(ours_vs_redis[:-1]) > 0
+
+
+def test_flash_adds_a_flash_target_and_a_file_baseline(capsys: pytest.CaptureFixture[str]) -> None:
+    with tempfile.TemporaryDirectory(prefix="bench-flash-", dir="/tmp") as flash_dir:
+        json_path = Path(flash_dir) / "bench.json"
+        argv = ["bench", "--flash", "--flash-dir", flash_dir, "--sizes", ",".join(SIZES)]
+        argv += ["--inflight", ",".join(map(str, INFLIGHT)), "--seconds", "0.2"]
+        argv += ["--raw-seconds", "0.05", "--max-ops", "100", "--queues", "2"]
+        argv += ["--json", str(json_path)]
+        rc = main(argv)
+        out = capsys.readouterr().out
+        assert rc == 0, out
+        data = json.loads(json_path.read_text())
+        json_path.unlink()
+        assert os.listdir(flash_dir) == []  # the device and the baseline file went with the run
+
+    flash_line = next(line for line in out.splitlines() if line.startswith("flash: "))
+    assert re.search(r"\((direct|buffered) I/O\)$", flash_line), flash_line
+    header_line = next(line for line in out.splitlines() if line.startswith("op "))
+    assert re.split(r"\s{2,}", header_line.strip()) == HEADER + FLASH_HEADER
+    rows = _table_rows(out)
+    expected = [(op, size, str(n)) for size in SIZES for op in ("put", "get") for n in INFLIGHT]
+    assert [tuple(r[:3]) for r in rows] == expected
+    for row in rows:
+        assert len(row) == len(HEADER) + len(FLASH_HEADER), row
+        flash_gbps, flash_p50, file_gbps = map(float, row[11:14])
+        for v in (flash_gbps, flash_p50, file_gbps):
+            assert math.isfinite(v)
+            assert v >= 0  # 3 decimals: a tiny cell may read 0.000; the JSON has them exactly
+        assert row[14].endswith("x")
+
+    cells = data["cells"]
+    assert data["settings"]["flash"] is True
+    for c in cells:
+        assert c["flash"]["ops"] >= c["inflight"]  # every worker ran at least one command
+        assert c["file"]["ops"] >= c["inflight"]
+        assert c["flash"]["gb_per_s"] > 0
+        assert c["file"]["gb_per_s"] > 0
+        assert c["flash"]["p50_ms"] > 0
+        assert c["ratio_flash_to_file"] == pytest.approx(
+            c["flash"]["gb_per_s"] / c["file"]["gb_per_s"]
+        )

@@ -11,7 +11,14 @@ from typing import TypeVar
 import anyio
 import pytest
 
-from kvext.engine.base import EngineStatus, KeyMissing, KeyPresent, KeyValueEngine, ValueTooLarge
+from kvext.engine.base import (
+    EngineStatus,
+    KeyMissing,
+    KeyPresent,
+    KeyValueEngine,
+    Unrecovered,
+    ValueTooLarge,
+)
 from kvext.engine.check import check
 from kvext.engine.device import IOMode
 from kvext.engine.flash import FlashEngine, FlashOpenError
@@ -162,10 +169,13 @@ async def test_a_corrupt_record_is_dropped_and_counted(tmp_path: Path) -> None:
     # At start the checkpoint trusts the record; the read verifies it.
     again = open_engine(path)
     assert bytes(await again.retrieve_async(b"a")) == b"A" * 3000
-    with pytest.raises(KeyMissing):
+    with pytest.raises(Unrecovered) as info:  # said once: KV Unrecovered Error ...
         await again.retrieve_async(b"b")
+    assert info.value.kv_status == EngineStatus.UNRECOVERED_ERROR
     assert again.stats.crc_dropped == 1
     assert not again.exists(b"b")
+    with pytest.raises(KeyMissing):  # ... then the dropped record is simply not there
+        await again.retrieve_async(b"b")
     # A full scan (no checkpoint) drops it at start.
     report = check(str(path))
     assert not report.ok
