@@ -47,7 +47,7 @@ from kvext.engine.base import (
     ValueTooLarge,
     run_inline,
 )
-from kvext.engine.device import BlockDevice, IOMode, aligned_buffer
+from kvext.engine.device import AlignedBufferPool, BlockDevice, IOMode, aligned_buffer
 from kvext.engine.index import (
     Checkpoint,
     Entry,
@@ -133,6 +133,7 @@ class FlashEngine:
         # Key -> the sequence number of the newest Store/Delete issued and not yet finished.
         self._latest: dict[bytes, int] = {}
         self._lent: weakref.WeakValueDictionary[int, memoryview] = weakref.WeakValueDictionary()
+        self._buffers = AlignedBufferPool()
         self.on_evict: Callable[[bytes], None] | None = None  # called per key a region takes along
         self.bad_records: list[tuple[int, int]] = []  # (region, offset) the start-up scan dropped
 
@@ -246,7 +247,10 @@ class FlashEngine:
     def allocate(self, size: int) -> memoryview:
         """A view into an aligned record buffer, after room for the header: no copy at Store."""
         self._check_size(size)
-        base = aligned_buffer(record_length(size))
+        base = self._buffers.take(record_length(size))
+        # The value overwrites its part; clear the padding after it (it goes to the device).
+        tail = base[HEADER_SIZE + size :]
+        tail[:] = bytes(len(tail))
         view = base[HEADER_SIZE : HEADER_SIZE + size]
         self._lent[id(view)] = view
         return view
@@ -319,7 +323,7 @@ class FlashEngine:
                 break
             region = self._regions[entry.region]
             generation = region.generation
-            buf = aligned_buffer(entry.record_len)
+            buf = self._buffers.take(entry.record_len)  # the read fills all of it
             offset = self.superblock.region_offset(entry.region) + entry.offset
 
             def read(

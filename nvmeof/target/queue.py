@@ -39,6 +39,10 @@ from nvmeof.transport.base import Buffer, ControllerChannel, Request
 log = logging.getLogger("nvmeof.target.queue")
 
 AUTH_FAILURE_CLOSE_DELAY = 1.0  # seconds between a Failure1 and closing the queue
+# While the admin queue authenticates, the host cannot send Keep Alive (Authentication Required)
+# and computes between messages (a Linux host under QEMU TCG spends > 5 s on ffdhe8192): each
+# authentication message holds the keep-alive timer for this long beyond KATO.
+AUTH_KEEP_ALIVE_GRACE = 30.0
 
 
 def _connect_invalid(offset: int, *, in_data: bool) -> CommandError:
@@ -334,6 +338,9 @@ class QueueSession:
                 data = [auth.on_receive(fields.length)]
             except AllocationTooSmall as exc:
                 raise invalid_field(str(exc)) from exc
+        if self.qid == 0 and self.controller is not None:
+            now = anyio.current_time()
+            self.controller.keep_alive(now if auth.authenticated else now + AUTH_KEEP_ALIVE_GRACE)
         if auth.failed:
             self.log.warning(
                 "%s authentication of %s from %s failed: closing the queue",
