@@ -25,7 +25,7 @@ from tools.lab.guest import REPO, Guest
 
 from .conftest import Lab
 
-pytestmark = pytest.mark.lab
+pytestmark = [pytest.mark.lab, pytest.mark.rdma_lab]
 
 GUEST_IP = "10.0.2.15"
 LAB_NQN = "nqn.2024-01.io.gpucache:rdma-lab"
