@@ -267,3 +267,34 @@ def test_auth_sqe_fields() -> None:
 TRANSFORMED_SHA256 = "2658280aa5b907586339c452118920ab328f1d80d30ce9d7383045e29cfc750f"
 R1_SHA256 = "75abac5a3639af64e3f8419c4747eb612bab731f63c5ebd7e9f392c900b891a0"
 R2_SHA256 = "283edb3e066dea188ae71ee24a002bad3a2967c5f2e37318d7026c27098af0c4"
+
+
+# `nvme gen-dhchap-key -s HEX -m HH -l LEN -n NQN` (nvme-cli 2.3 in the Linux 6.12 lab guest): the
+# printed key is the --secret transformed with that NQN (nvme_auth_transform_key), marked hh HH.
+NVME_CLI_NQN = "nqn.2014-08.org.nvmexpress:uuid:00000000-0000-4000-8000-000000000000"
+NVME_CLI_KEYS = [
+    (0, bytes(range(32)), "DHHC-1:00:AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh+KfiaR:"),
+    (1, bytes(range(32)), "DHHC-1:01:xvgFjyEaPGT5wommLG1m56mBbQ10wbYFinCYyW+lHZZQ2ANv:"),
+    (
+        2,
+        bytes.fromhex("".join(f"{i:02d}" for i in range(48))),
+        "DHHC-1:02:paLEJRowKAo+NcUe2xH0dL68tsyV7ODzOmyPGCWUz7gtxq+BV0R7j+EHF7qpZO3TzxSl8w==:",
+    ),
+    (
+        3,
+        bytes(range(32)) * 2,
+        "DHHC-1:03:kZn2Zs+KncnaZ57IZ/6xLrMuVdJRs3n6iomdDYKmsmbxArkDodp1CSHOK8A4z1i8S8L5Z/LFbwe8KLdn"
+        "CRpO0Hi/3oA=:",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("hh", "raw", "printed"), NVME_CLI_KEYS, ids=["hh00", "hh01", "hh02", "hh03"]
+)
+def test_nvme_cli_gen_dhchap_key_known_answers(hh: int, raw: bytes, printed: str) -> None:
+    parsed = DhchapSecret.parse(printed)
+    assert parsed.transform == hh
+    expected = raw if hh == 0 else DhchapSecret(raw, hh).transformed(NVME_CLI_NQN)
+    assert parsed.key == expected
+    assert str(parsed) == printed
