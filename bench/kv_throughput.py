@@ -572,6 +572,13 @@ def spawn_flash_peer(settings: Settings, directory: str, nqn: str) -> Iterator[F
         yield FlashPeer(target.address, device, size, baseline)
 
 
+def _first_cause(exc: BaseException) -> str:
+    """The error itself, not "unhandled errors in a TaskGroup (31 sub-exceptions)"."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return f"{type(exc).__name__}: {exc}"
+
+
 # --- entry point ------------------------------------------------------------------------------
 def _settings(args: argparse.Namespace) -> Settings:
     if args.seconds <= 0:
@@ -678,7 +685,7 @@ def main(args: argparse.Namespace) -> int:
                 backend=args.backend,
             )
     except (NvmeofError, OSError, RuntimeError, TimeoutError, ExceptionGroup) as exc:
-        log.error("bench failed: %s", exc)
+        log.error("bench failed: %s", _first_cause(exc))
         return 1
     wall = time.perf_counter() - wall
     print()

@@ -60,7 +60,13 @@ def redis_client(address: tuple[str, int], connections: int) -> Any:
     """An asyncio redis-py client (hiredis parser when installed) with enough connections."""
     import redis.asyncio
 
+    # 32 x 32 MiB in flight through one single-threaded server takes seconds per command: give
+    # reads as long as the bench gives ours (redis-py's default timed out here).
     pool = redis.asyncio.BlockingConnectionPool(
-        host=address[0], port=address[1], max_connections=connections, timeout=60
+        host=address[0],
+        port=address[1],
+        max_connections=connections,
+        timeout=120,
+        socket_timeout=120,
     )
     return redis.asyncio.Redis(connection_pool=pool)
