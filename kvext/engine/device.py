@@ -54,13 +54,14 @@ class AlignedBufferPool:
     def take(self, size: int) -> memoryview:
         length = max(align_up(size), ALIGN)
         buffers = self._by_length.setdefault(length, [])
-        for i, buf in enumerate(buffers):
+        # A bounded scan: past 64, a new buffer is cheaper than looking. (Indexing, not
+        # enumerate(): enumerate's cached result tuple would hold one more reference.)
+        for i in range(min(len(buffers), 64)):
+            buf = buffers[i]
             # References: the list, ``buf`` and getrefcount's argument; any view adds one.
             if sys.getrefcount(buf) <= 3:
                 self.reused += 1
                 return memoryview(buf)
-            if i >= 64:
-                break  # a bounded scan: past this, a new buffer is cheaper than looking
         fresh = mmap.mmap(-1, length)
         if self.tracked_bytes + length <= self.max_bytes:
             buffers.append(fresh)
