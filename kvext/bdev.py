@@ -87,10 +87,40 @@ def describe_kv_bdev(
     return entry
 
 
-class KvMallocBdev:
+class _KvBdev:
+    """What both KV bdevs share: a name, a UUID, an engine, and the namespace made from it."""
+
+    product_name: str
+    driver: str  # the driver_specific key of ``bdev_get_bdevs``
+    name: str
+    uuid: uuid_mod.UUID
+    engine: KeyValueEngine
+    claimed: bool
+
+    def make_namespace(self) -> KeyValueNamespace:
+        self.claimed = True
+        return KeyValueNamespace(self.engine, name=self.name, ns_uuid=self.uuid)
+
+    def driver_specific(self) -> dict[str, object]:
+        return {}
+
+    def describe(self) -> dict[str, object]:
+        return describe_kv_bdev(
+            name=self.name,
+            bdev_uuid=self.uuid,
+            product_name=self.product_name,
+            engine=self.engine,
+            claimed=self.claimed,
+            driver=self.driver,
+            driver_specific=self.driver_specific(),
+        )
+
+
+class KvMallocBdev(_KvBdev):
     """A DRAM key-value bdev (``bdev_kvmalloc_create``) over a ``MemoryEngine``."""
 
     product_name = "KV Malloc disk"
+    driver = "kvmalloc"
 
     def __init__(
         self,
@@ -128,23 +158,11 @@ class KvMallocBdev:
     def __repr__(self) -> str:
         return f"<KvMallocBdev {self.name}>"
 
-    def make_namespace(self) -> KeyValueNamespace:
-        self.claimed = True
-        return KeyValueNamespace(self.engine, name=self.name, ns_uuid=self.uuid)
-
-    def describe(self) -> dict[str, object]:
-        return describe_kv_bdev(
-            name=self.name,
-            bdev_uuid=self.uuid,
-            product_name=self.product_name,
-            engine=self.engine,
-            claimed=self.claimed,
-            driver="kvmalloc",
-            driver_specific={
-                "optimal_value_granularity": self.optimal_value_granularity,
-                "eviction": self.eviction,
-            },
-        )
+    def driver_specific(self) -> dict[str, object]:
+        return {
+            "optimal_value_granularity": self.optimal_value_granularity,
+            "eviction": self.eviction,
+        }
 
     def config_entry(self) -> dict[str, object]:
         limits = self.engine.limits
@@ -174,11 +192,12 @@ async def _to_thread(func: Callable[[], T]) -> T:
     return await anyio.to_thread.run_sync(func)
 
 
-class KvFlashBdev:
+class KvFlashBdev(_KvBdev):
     """A flash key-value bdev (``bdev_kvflash_create``): the flash engine on a file or block
     device, optionally behind a DRAM tier (``dram_size``)."""
 
     product_name = "KV Flash disk"
+    driver = "kvflash"
 
     def __init__(
         self,
@@ -240,20 +259,8 @@ class KvFlashBdev:
     def __repr__(self) -> str:
         return f"<KvFlashBdev {self.name} {self.filename}>"
 
-    def make_namespace(self) -> KeyValueNamespace:
-        self.claimed = True
-        return KeyValueNamespace(self.engine, name=self.name, ns_uuid=self.uuid)
-
-    def describe(self) -> dict[str, object]:
-        return describe_kv_bdev(
-            name=self.name,
-            bdev_uuid=self.uuid,
-            product_name=self.product_name,
-            engine=self.engine,
-            claimed=self.claimed,
-            driver="kvflash",
-            driver_specific={"filename": self.filename, "dram_size": self.dram_size},
-        )
+    def driver_specific(self) -> dict[str, object]:
+        return {"filename": self.filename, "dram_size": self.dram_size}
 
     def config_entry(self) -> dict[str, object]:
         limits = self.engine.limits
