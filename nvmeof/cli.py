@@ -206,12 +206,16 @@ async def _serve_target(args: argparse.Namespace, target: Any) -> None:
         else:
             await app.start()
         if config is None:
+            where = (
+                f"flash {args.flash} (DRAM tier {format_size(parse_size(args.dram))})"
+                if args.flash
+                else f"DRAM, capacity {format_size(parse_size(args.capacity))}, {args.eviction}"
+            )
             log.info(
-                "serving %s: KV namespace 1, capacity %s, max value %s, eviction %s",
+                "serving %s: KV namespace 1 on %s, max value %s",
                 args.nqn,
-                format_size(parse_size(args.capacity)),
+                where,
                 format_size(parse_size(args.max_value_size)),
-                args.eviction,
             )
         if args.ready_file:
             addresses_text = " ".join(f"{lst.host}:{lst.port}" for lst in server.listeners)

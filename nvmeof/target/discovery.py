@@ -207,6 +207,9 @@ class DiscoveryController(Controller):
             nn=0,
             mnan=0,
             lpa=LPA_EXTENDED_DATA,
+            # No namespaces here, and no discovery-log-change events sent (yet): advertise none,
+            # so hosts do not wait for them (Linux submits AERs only for advertised OAES bits).
+            oaes=0,
             aerl=self.limits.max_async_events - 1,
             subnqn=DISCOVERY_NQN,
             sn=DISCOVERY_SERIAL_NUMBER,

@@ -74,6 +74,7 @@ async def test_discovery_controller_identify() -> None:
             await ctrl.admin.execute(identify_command(Cns.CONTROLLER), into=[memoryview(buf)])
             ident = IdentifyController.unpack(buf)
             assert ident.cntrltype == ControllerType.DISCOVERY
+            assert ident.oaes == 0  # no events advertised that it never sends
             assert ident.subnqn == DISCOVERY_NQN
             assert ident.cntlid == ctrl.cntlid
             assert ident.nn == 0
