@@ -67,10 +67,15 @@ def test_bench_prints_a_row_per_cell_with_a_ratio_to_raw_tcp(
         ops_s, gbps, p50, p99, raw_gbps, raw_p50 = map(float, row[4:10])
         for v in (ops_s, gbps, p50, p99, raw_gbps, raw_p50):
             assert math.isfinite(v)
-            assert v > 0
+            assert v >= 0
+        # GB/s is printed to 3 decimals: a loaded machine can print 0.000 for 4 KiB values; the
+        # rates themselves are checked at full precision in the JSON below.
+        assert ops_s > 0
+        assert p50 > 0
         assert p50 <= p99
         assert row[10].endswith("x")
-        assert float(row[10][:-1]) == pytest.approx(gbps / raw_gbps, rel=0.05, abs=0.01)
+        if raw_gbps > 0:  # else rounded away in print; the JSON checks the ratio below
+            assert float(row[10][:-1]) == pytest.approx(gbps / raw_gbps, rel=0.05, abs=0.01)
 
     data = json.loads(json_path.read_text())
     assert data["backend"] == backend
@@ -79,6 +84,8 @@ def test_bench_prints_a_row_per_cell_with_a_ratio_to_raw_tcp(
     for c in cells:
         assert c["size"] == SIZES[c["size_label"]]
         assert c["kv"]["ops"] >= c["inflight"]  # every worker ran at least one command
+        assert c["kv"]["gb_per_s"] > 0
+        assert c["raw_tcp"]["gb_per_s"] > 0
         assert c["raw_tcp"]["ops"] >= c["inflight"]
         assert c["ratio_to_raw"] == pytest.approx(c["kv"]["gb_per_s"] / c["raw_tcp"]["gb_per_s"])
 
