@@ -24,7 +24,7 @@ import anyio
 import attrs
 import pytest
 
-from nvmeof.errors import AuthenticationFailed
+from nvmeof.errors import AuthenticationFailed, ConnectionLost
 from nvmeof.initiator.block import BlockNamespaceClient
 from nvmeof.initiator.controller import Controller
 from nvmeof.spec.auth import DhGroupId, HashId
@@ -391,8 +391,12 @@ def test_our_initiator_wrong_secret_is_refused_by_nvmet(
 ) -> None:
     hostnqn = new_hostnqn()
     nvmet_host(kernel, hostnqn, secret(1, 32), None, HashId.SHA256, DhGroupId.FFDHE2048)
-    with pytest.raises(AuthenticationFailed, match="Failure1"):
+    # nvmet answers the failed exchange with Failure1, but it may also tear the queue down
+    # before our Authentication Receive reaches it (seen once under TCG): either way, refused.
+    with pytest.raises((AuthenticationFailed, ConnectionLost)) as refused:
         anyio.run(_connect_and_io, nvmet_auth, hostnqn, secret(1, 32), None)
+    if isinstance(refused.value, AuthenticationFailed):
+        assert "Failure1" in str(refused.value)
 
 
 def test_our_initiator_detects_a_wrong_nvmet_controller_secret(
