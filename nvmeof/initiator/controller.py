@@ -23,6 +23,7 @@ from nvmeof.spec.command import Command
 from nvmeof.spec.completion import Completion
 from nvmeof.spec.dhchap import DhchapSecret, as_secret
 from nvmeof.spec.fabrics import (
+    CATTR_SQ_FLOW_CONTROL_DISABLED,
     CONNECT_AUTHREQ_ASCR,
     CONNECT_AUTHREQ_ATR,
     DYNAMIC_CNTLID,
@@ -119,6 +120,7 @@ class ConnectOptions:
     transport: str = "tcp"  # or "rdma" (NVMe/RDMA: the ``rdma`` extra, pyverbs)
     rdma_connector: RdmaConnector | None = None  # default: pyverbs (the simulator passes its own)
     rdma_invalidate: bool = False  # ask the controller for Send with Invalidate (SGL 0x4F)
+    sq_flow_control: bool = True  # False: CATTR bit 2 on I/O queues (SUCCESS-flag completions)
 
 
 class Controller:
@@ -156,6 +158,7 @@ class Controller:
         transport: str = "tcp",
         rdma_connector: RdmaConnector | None = None,
         rdma_invalidate: bool = False,
+        sq_flow_control: bool = True,
     ) -> ControllerConnection:
         """Connect, enable and set up I/O queues.
 
@@ -168,6 +171,9 @@ class Controller:
         prove itself too (bidirectional); ``dhchap_hashes`` / ``dhchap_dhgroups`` limit what is
         offered (default: all). ``transport="rdma"`` connects over NVMe/RDMA (pyverbs, or
         ``rdma_connector``); ``rdma_invalidate`` asks for Send with Invalidate.
+        ``sq_flow_control=False`` disables SQ flow control on the I/O queues (Connect CATTR
+        bit 2, Linux's ``disable_sqflow``), which lets an NVMe/TCP controller fold a read's
+        completion into its last C2HData PDU (the SUCCESS flag).
         """
         if transport not in ("tcp", "rdma"):
             raise ValueError(f"transport must be 'tcp' or 'rdma', not {transport!r}")
@@ -194,6 +200,7 @@ class Controller:
             transport=transport,
             rdma_connector=rdma_connector,
             rdma_invalidate=rdma_invalidate,
+            sq_flow_control=sq_flow_control,
         )
         return ControllerConnection(options)
 
@@ -247,7 +254,14 @@ class Controller:
         kato = max(options.kato_ms, 0) if qid == 0 else 0
         try:
             completion = await queue.execute(
-                connect_command(qid=qid, sqsize=depth - 1, kato_ms=kato),
+                connect_command(
+                    qid=qid,
+                    sqsize=depth - 1,
+                    kato_ms=kato,
+                    cattr=0
+                    if qid == 0 or options.sq_flow_control
+                    else CATTR_SQ_FLOW_CONTROL_DISABLED,
+                ),
                 out=[data.pack()],
                 timeout=options.timeout,
                 check=False,

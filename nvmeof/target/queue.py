@@ -455,6 +455,8 @@ class QueueSession:
         self.qid = params.qid
         self.sqsize = params.sqsize
         self.sq_flow_control_disabled = params.sq_flow_control_disabled
+        if hasattr(self.channel, "sq_flow_control_disabled"):  # TCP: SUCCESS-flag completions
+            self.channel.sq_flow_control_disabled = params.sq_flow_control_disabled
         self._slots = anyio.Semaphore(params.sqsize + 1)
         auth_config = subsystem.auth_config(data.hostnqn)
         if auth_config is None:

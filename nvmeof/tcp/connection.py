@@ -142,6 +142,7 @@ class HostConnection(PduConnection):
         if not 0 <= hpda <= MAX_PDA:
             raise ValueError(f"hpda {hpda} not in 0..{MAX_PDA}")
         super().__init__(state=_S.IDLE, receive_buffer_size=receive_buffer_size)
+        self.success_completions = 0  # C2HData with SUCCESS stood in for a CapsuleResp
         self._icreq = ICReq(0, hpda, header_digest, data_digest, maxr2t)
         self._writes: dict[int, Scatter] = {}
         self._reads: dict[int, _Read] = {}
@@ -316,6 +317,7 @@ class HostConnection(PduConnection):
             cqe = bytearray(CQE_SIZE)
             cqe[12:14] = cccid.to_bytes(2, "little")
             self.forget(cccid)
+            self.success_completions += 1
             self._events.append(ResponseReceived(memoryview(cqe)))
 
 

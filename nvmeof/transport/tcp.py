@@ -196,6 +196,11 @@ class TcpHostChannel:
     def forget(self, cid: int) -> None:
         self._conn.forget(cid)
 
+    @property
+    def success_completions(self) -> int:
+        """Completions the controller folded into a C2HData with the SUCCESS flag."""
+        return self._conn.success_completions
+
     async def aclose(self) -> None:
         if self._lost is None:
             self._lost = ConnectionLost(f"queue to {self.peer} closed")
@@ -238,6 +243,8 @@ class TcpControllerChannel:
             )
         self._sender = _Sender(sock, self._conn.data_to_send)
         self._pulls: dict[int, _Pull] = {}
+        self.sq_flow_control_disabled = False  # set by the queue's Connect (CATTR bit 2)
+        self.success_shortcuts = 0
         self._closed = False
         self.peer = sock.peer
         self.on_digest_error: Callable[[int], None] | None = None
@@ -333,6 +340,18 @@ class TcpControllerChannel:
     ) -> None:
         """Queue the data and the completion; the receive loop sends them before it waits."""
         if self._closed:
+            return
+        if (
+            data
+            and self.sq_flow_control_disabled
+            and completion.status.success
+            and completion.dw0 == completion.dw1 == 0
+        ):
+            # The SUCCESS flag on the last C2HData stands in for the CapsuleResp: one PDU less.
+            # As SPDK and Linux nvmet: only when the host disabled SQ flow control at Connect
+            # (it then needs no SQHD) and there is no DW0/DW1 to carry (never a KV Retrieve).
+            self._conn.send_data(request.command.cid, data, success=True)
+            self.success_shortcuts += 1
             return
         if data:
             self._conn.send_data(request.command.cid, data)
