@@ -80,6 +80,40 @@ class KeyPresent(EngineError):
     kv_status = EngineStatus.KEY_EXISTS
 
 
+def flat_bytes(value: memoryview) -> memoryview:
+    """A flat unsigned-byte view of the same memory (no copy)."""
+    return value if value.format == "B" and value.ndim == 1 else value.cast("B")
+
+
+def check_store(
+    limits: EngineLimits,
+    key: bytes,
+    value: memoryview,
+    *,
+    present: bool,
+    must_exist: bool,
+    must_not_exist: bool,
+) -> memoryview:
+    """What every engine checks before a Store, in one order; returns the value as flat bytes.
+
+    ``present`` says whether the engine holds ``key`` now (for the must-(not-)exist options).
+    """
+    if must_exist and must_not_exist:
+        raise ValueError("must_exist and must_not_exist are mutually exclusive")
+    if not 1 <= len(key) <= limits.max_key_length:
+        raise InvalidKey(f"key of {len(key)} bytes is outside 1..{limits.max_key_length}")
+    value = flat_bytes(value)
+    if value.nbytes > limits.max_value_length:
+        raise ValueTooLarge(
+            f"value of {value.nbytes} bytes exceeds the maximum of {limits.max_value_length}"
+        )
+    if must_exist and not present:
+        raise KeyMissing(f"key {key!r} does not exist")
+    if must_not_exist and present:
+        raise KeyPresent(f"key {key!r} exists")
+    return value
+
+
 def _positive(_: object, attribute: attrs.Attribute[int], value: int) -> None:
     if value <= 0:
         raise ValueError(f"{attribute.name} must be positive, got {value}")

@@ -41,10 +41,10 @@ from kvext.engine.base import (
     EngineStats,
     InvalidKey,
     KeyMissing,
-    KeyPresent,
     Offload,
     Unrecovered,
     ValueTooLarge,
+    check_store,
     run_inline,
 )
 from kvext.engine.device import AlignedBufferPool, BlockDevice, IOMode, aligned_buffer
@@ -283,17 +283,15 @@ class FlashEngine:
         must_not_exist: bool = False,
     ) -> int:
         """Store ``value``; returns its sequence number (``seq_of`` tells whether it is current)."""
-        if must_exist and must_not_exist:
-            raise ValueError("must_exist and must_not_exist are mutually exclusive")
-        self._check_key(key)
-        if value.format != "B" or value.ndim != 1:
-            value = value.cast("B")
+        value = check_store(
+            self._limits,
+            key,
+            value,
+            present=key in self._index,
+            must_exist=must_exist,
+            must_not_exist=must_not_exist,
+        )
         size = value.nbytes
-        self._check_size(size)
-        if must_exist and key not in self._index:
-            raise KeyMissing(f"key {key!r} does not exist")
-        if must_not_exist and key in self._index:
-            raise KeyPresent(f"key {key!r} exists")
         adopted = self._lent.pop(id(value), None) is value
         base = memoryview(value.obj) if adopted else aligned_buffer(record_length(size))
         header = self._reserve_header(RecordKind.VALUE, key, size)

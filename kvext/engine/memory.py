@@ -20,8 +20,8 @@ from kvext.engine.base import (
     EngineStats,
     InvalidKey,
     KeyMissing,
-    KeyPresent,
     ValueTooLarge,
+    check_store,
 )
 from kvext.engine.buffers import MIN_POOLED, BufferPool, size_class
 from kvext.engine.eviction import EvictionPolicy, policy_named
@@ -106,21 +106,16 @@ class MemoryEngine:
         must_exist: bool = False,
         must_not_exist: bool = False,
     ) -> None:
-        if must_exist and must_not_exist:
-            raise ValueError("must_exist and must_not_exist are mutually exclusive")
-        self._check_key(key)
-        if value.format != "B" or value.ndim != 1:
-            value = value.cast("B")  # a flat byte view of the same memory, no copy
-        size = value.nbytes
-        if size > self._limits.max_value_length:
-            raise ValueTooLarge(
-                f"value of {size} bytes exceeds the maximum of {self._limits.max_value_length}"
-            )
         old = self._entries.get(key)
-        if must_exist and old is None:
-            raise KeyMissing(f"key {key!r} does not exist")
-        if must_not_exist and old is not None:
-            raise KeyPresent(f"key {key!r} exists")
+        value = check_store(
+            self._limits,
+            key,
+            value,
+            present=old is not None,
+            must_exist=must_exist,
+            must_not_exist=must_not_exist,
+        )
+        size = value.nbytes
         cost = entry_cost(key, size)
         if cost > self._limits.capacity_bytes:
             raise CapacityExceeded(

@@ -35,7 +35,7 @@ import enum
 
 import attrs
 
-from kvext.engine.base import EngineError, EngineLimits, EngineStats, KeyMissing
+from kvext.engine.base import EngineError, EngineLimits, EngineStats, KeyMissing, flat_bytes
 from kvext.engine.flash import FlashEngine
 from kvext.engine.memory import MemoryEngine
 
@@ -108,8 +108,7 @@ class TieredEngine:
         must_exist: bool = False,
         must_not_exist: bool = False,
     ) -> None:
-        if value.format != "B" or value.ndim != 1:
-            value = value.cast("B")
+        value = flat_bytes(value)
         seq = await self.flash.store_record(
             key, value, must_exist=must_exist, must_not_exist=must_not_exist
         )
