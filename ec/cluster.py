@@ -47,6 +47,7 @@ from ec.codec import (
 from ec.link import LinkOptions, LinkState, TargetLink, TargetUnavailable
 from ec.placement import OBJECT_ID_LENGTH, object_id, rank
 from ec.readplan import ReadOutcome, ReadPlan
+from kvext.client import gather_gets
 from kvext.framing import ValueKind, header_length
 from kvext.keys import KeyLike, key_bytes
 from kvext.spec import KvStatus, kv_status
@@ -317,17 +318,7 @@ class ClusterKV:
     async def get_many(
         self, keys: Sequence[KeyLike], *, outs: Sequence[object] | None = None
     ) -> builtins.list[Value]:
-        if outs is not None and len(outs) != len(keys):
-            raise ValueError("keys and outs differ in length")
-        results: builtins.list[Value] = [None] * len(keys)
-
-        async def one(i: int) -> None:
-            results[i] = await self.get(keys[i], out=None if outs is None else outs[i])
-
-        async with anyio.create_task_group() as tg:
-            for i in range(len(keys)):
-                tg.start_soon(one, i)
-        return results
+        return await gather_gets(self.get, keys, outs)
 
     async def _read_fragment(
         self, link: TargetLink, oid: bytes, full_key: bytes, size: int, *, header_only: bool

@@ -12,7 +12,7 @@ from __future__ import annotations
 import builtins
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
 import anyio
@@ -48,6 +48,28 @@ _LIST_ENTRY_MAX = 20  # u16 length + 16-byte key, padded to 4 bytes
 def _kv_code(completion: Completion) -> int | None:
     status = completion.status
     return status.sc if status.sct == StatusCodeType.GENERIC else None
+
+
+async def gather_gets(
+    get: Callable[..., Awaitable[Value]],
+    keys: Sequence[Any],
+    outs: Sequence[object] | None = None,
+) -> list[Value]:
+    """``get`` every key at once (into the matching ``outs`` when given), results in key order.
+
+    The batch form of both ``KVClient`` and ``ec.cluster.ClusterKV``.
+    """
+    if outs is not None and len(outs) != len(keys):
+        raise ValueError("keys and outs differ in length")
+    results: list[Value] = [None] * len(keys)
+
+    async def one(i: int) -> None:
+        results[i] = await get(keys[i], out=None if outs is None else outs[i])
+
+    async with anyio.create_task_group() as tg:
+        for i in range(len(keys)):
+            tg.start_soon(one, i)
+    return results
 
 
 class KVClient:
@@ -236,17 +258,7 @@ class KVClient:
         self, keys: Sequence[Key], *, outs: Sequence[object] | None = None
     ) -> builtins.list[Value]:
         """Fetch many values at once (into ``outs`` when given), spread over every I/O queue."""
-        if outs is not None and len(outs) != len(keys):
-            raise ValueError("keys and outs differ in length")
-        results: builtins.list[Value] = [None] * len(keys)
-
-        async def one(i: int) -> None:
-            results[i] = await self.get(keys[i], out=None if outs is None else outs[i])
-
-        async with anyio.create_task_group() as tg:
-            for i in range(len(keys)):
-                tg.start_soon(one, i)
-        return results
+        return await gather_gets(self.get, keys, outs)
 
     # --- errors -----------------------------------------------------------------------------
     @staticmethod
