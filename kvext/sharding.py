@@ -33,7 +33,7 @@ from typing import Any
 import anyio
 import attrs
 
-from kvext.client import Key, KVClient
+from kvext.client import Key, KVClient, gather_gets
 from kvext.engine.base import KeyValueEngine
 from kvext.keys import wire_key
 from kvext.namespace import KeyValueNamespace
@@ -443,13 +443,7 @@ class RoutedKVClient:
             for key, value in items:
                 tg.start_soon(self.put, key, value)
 
-    async def get_many(self, keys: Sequence[Key]) -> builtins.list[Value]:
-        results: builtins.list[Value] = [None] * len(keys)
-
-        async def one(i: int) -> None:
-            results[i] = await self.get(keys[i])
-
-        async with anyio.create_task_group() as tg:
-            for i in range(len(keys)):
-                tg.start_soon(one, i)
-        return results
+    async def get_many(
+        self, keys: Sequence[Key], *, outs: Sequence[object] | None = None
+    ) -> builtins.list[Value]:
+        return await gather_gets(self.get, keys, outs)
