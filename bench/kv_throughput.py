@@ -39,6 +39,7 @@ import attrs
 
 from bench.file_io import FileBaseline
 from bench.raw_tcp import RawResult, RawServer, spawn_raw_server
+from nvmeof.eventloop import run_options
 from nvmeof.units import format_size, parse_size
 
 if TYPE_CHECKING:
@@ -682,7 +683,7 @@ def main(args: argparse.Namespace) -> int:
                 report,
                 redis_address,
                 flash,
-                backend=args.backend,
+                **run_options(args.backend),
             )
     except (NvmeofError, OSError, RuntimeError, TimeoutError, ExceptionGroup) as exc:
         log.error("bench failed: %s", _first_cause(exc))

@@ -30,6 +30,7 @@ import anyio.abc
 
 from kvext.namespace import KeyValueNamespace
 from kvext.sharding import PeerLinks, ShardedNamespace, ShardMap
+from nvmeof.eventloop import run_options
 from nvmeof.initiator.controller import parse_address
 from nvmeof.target.server import TargetServer
 from nvmeof.target.subsystem import Subsystem, Target, TargetLimits
@@ -72,7 +73,7 @@ def run_sharded_target(args: argparse.Namespace, build_target: BuildTarget, addr
     )
     try:
         supervisor.start()
-        anyio.run(_supervise, supervisor, args, listen, backend=args.backend)
+        anyio.run(_supervise, supervisor, args, listen, **run_options(args.backend))
     except KeyboardInterrupt:
         pass
     except BaseException as exc:  # sorted out just below
@@ -144,7 +145,7 @@ def _worker_process(
     try:
         anyio.run(
             serve_worker, ctx, target, args.nqn, host, ns_uuid, not args.no_digests,
-            backend=args.backend,
+            **run_options(args.backend),
         )  # fmt: skip
     finally:
         for subsystem in target.subsystems.values():

@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 
 import anyio
 
+from nvmeof.eventloop import run_options
 from nvmeof.units import format_size, parse_size
 
 DEFAULT_NQN = "nqn.2024-01.io.gpucache:kv0"
@@ -30,10 +31,6 @@ def _setup_logging(verbose: bool, *, client: bool) -> None:
         datefmt="%H:%M:%S",
         stream=sys.stderr,
     )
-
-
-def _backend_options(backend: str) -> dict[str, Any]:
-    return {"backend": backend}
 
 
 # --- target -----------------------------------------------------------------------------------
@@ -291,7 +288,7 @@ def cmd_discover(args: argparse.Namespace) -> int:
     from nvmeof.errors import NvmeofError
 
     try:
-        return int(anyio.run(_run_discover, args, **_backend_options(args.backend)))
+        return int(anyio.run(_run_discover, args, **run_options(args.backend)))
     except (NvmeofError, OSError, TimeoutError) as exc:
         log.error("discover failed: %s", exc)
         return 1
@@ -305,7 +302,7 @@ def cmd_target(args: argparse.Namespace) -> int:
 
         return run_sharded_target(args, build_target, DEFAULT_ADDRESS)
     try:
-        anyio.run(_run_target, args, **_backend_options(args.backend))
+        anyio.run(_run_target, args, **run_options(args.backend))
     except KeyboardInterrupt:
         pass
     except (OSError, ValueError, FlashOpenError) as exc:
@@ -378,7 +375,7 @@ def cmd_client(action: str) -> Any:
         from nvmeof.errors import NvmeofError
 
         try:
-            return int(anyio.run(_with_client, args, action, **_backend_options(args.backend)))
+            return int(anyio.run(_with_client, args, action, **run_options(args.backend)))
         except (NvmeofError, OSError, TimeoutError) as exc:
             log.error("%s failed: %s", action, exc)
             return 1

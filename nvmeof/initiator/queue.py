@@ -9,11 +9,13 @@ on asyncio and trio alike.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 from collections.abc import Sequence
 
 import anyio
+import sniffio
 
 from nvmeof.errors import CommandTimeout, ConnectionLost, NvmeError
 from nvmeof.spec.command import Command
@@ -24,17 +26,36 @@ log = logging.getLogger("nvmeof.initiator.queue")
 
 
 class _Waiter:
-    __slots__ = ("abandoned", "completion", "error", "event")
+    """One command's wait. ``signal`` is what it sleeps on: an asyncio future under asyncio (a
+    tenth of what an ``anyio.Event`` costs to make, set and await), an ``anyio.Event`` elsewhere;
+    a fresh one after each wake-up that was not its completion (a hand-over or a timeout)."""
 
-    def __init__(self) -> None:
-        self.event = anyio.Event()
+    __slots__ = ("abandoned", "completion", "deadline", "error", "expired", "signal")
+
+    def __init__(self, signal: _Signal, deadline: float) -> None:
+        self.signal = signal
+        self.deadline = deadline
         self.completion: Completion | None = None
         self.error: BaseException | None = None
+        self.expired = False
         self.abandoned = False
+
+    @property
+    def pending(self) -> bool:
+        return self.completion is None and self.error is None and not self.expired
+
+
+_Signal = asyncio.Future[None] | anyio.Event
 
 
 class QueuePair:
-    """Up to ``depth`` commands on the wire at once over one channel."""
+    """Up to ``depth`` commands on the wire at once over one channel.
+
+    Timeouts cost no cancel scope per command (anyio's cost several microseconds each, as much as
+    the rest of a small command's work): each waiter carries a deadline, and the one reading
+    reads under a single scope that ends at the earliest deadline of all. When it ends, every
+    waiter past its deadline is woken to time out; the reader, unless it is one of them, reads on.
+    """
 
     def __init__(self, channel: HostChannel, *, qid: int, depth: int, cntlid: int = 0) -> None:
         self.channel = channel
@@ -45,7 +66,11 @@ class QueuePair:
         self._slots = anyio.Semaphore(depth)
         self._waiters: dict[int, _Waiter] = {}
         self._reading = False
+        # the reader's scope, ending at the earliest deadline of all waiters
+        self._stint: anyio.CancelScope | None = None
         self._lost: ConnectionLost | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._bound = False
         self.peak_in_flight = 0
         self.log = logging.LoggerAdapter(log, {})
 
@@ -57,6 +82,37 @@ class QueuePair:
     def connected(self) -> bool:
         return self._lost is None
 
+    # --- how waiters sleep, per event loop ----------------------------------------------------
+    def _bind(self) -> None:
+        """Learn the event loop on first use (the pair may be built outside it)."""
+        self._bound = True
+        if sniffio.current_async_library() == "asyncio":
+            self._loop = asyncio.get_running_loop()
+
+    def _now(self) -> float:
+        return self._loop.time() if self._loop is not None else anyio.current_time()
+
+    def _signal(self) -> _Signal:
+        return self._loop.create_future() if self._loop is not None else anyio.Event()
+
+    @staticmethod
+    def _wake(waiter: _Waiter) -> None:
+        signal = waiter.signal
+        if isinstance(signal, asyncio.Future):
+            if not signal.done():
+                signal.set_result(None)
+        else:
+            signal.set()
+
+    @staticmethod
+    async def _sleep(waiter: _Waiter) -> None:
+        signal = waiter.signal
+        if isinstance(signal, asyncio.Future):
+            await signal
+        else:
+            await signal.wait()
+
+    # --- commands -----------------------------------------------------------------------------
     async def execute(
         self,
         command: Command,
@@ -70,9 +126,13 @@ class QueuePair:
 
         ``out`` is data for the controller, ``into`` where the controller's data lands (the
         caller's buffers, used in place). With ``check``, an error status raises ``NvmeError``.
+        ``timeout`` bounds the wait for the completion; a send the peer does not drain is the
+        connection's business (its socket's stall timeout), as the command is not on the wire.
         """
         if self._lost is not None:
             raise self._lost
+        if not self._bound:
+            self._bind()
         try:
             self._slots.acquire_nowait()  # no scheduler round trip while a slot is free
         except anyio.WouldBlock:
@@ -81,14 +141,17 @@ class QueuePair:
             self._slots.release()
             raise self._lost
         cid = self._free.pop()
-        waiter = _Waiter()
+        deadline = math.inf if timeout is None else self._now() + timeout
+        waiter = _Waiter(self._signal(), deadline)
+        if self._stint is not None and deadline < self._stint.deadline:
+            self._stint.deadline = deadline  # the reader must stop in time for this one too
         self._waiters[cid] = waiter
-        self.peak_in_flight = max(self.peak_in_flight, len(self._waiters))
+        if len(self._waiters) > self.peak_in_flight:
+            self.peak_in_flight = len(self._waiters)
         finished = False
         try:
-            with anyio.fail_after(math.inf if timeout is None else timeout):
-                await self.channel.submit(command, cid=cid, out=out, into=into)
-                completion = await self._wait(waiter)
+            await self.channel.submit(command, cid=cid, out=out, into=into)
+            completion = await self._wait(waiter)
             finished = True
         except TimeoutError:
             self.log.warning(
@@ -110,6 +173,9 @@ class QueuePair:
                 # and drop its buffers now, since the caller takes them back.
                 waiter.abandoned = True
                 self.channel.forget(cid)
+                if not self._reading:
+                    # Cancelled right after being handed the reading: pass it on.
+                    self._hand_off()
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
                 "[%d/%d] cid %d opcode 0x%02x nsid %d -> %s dw0 0x%x",
@@ -131,21 +197,40 @@ class QueuePair:
                 return waiter.completion
             if waiter.error is not None:
                 raise waiter.error
+            if waiter.expired:
+                raise TimeoutError
             if self._reading:
-                await waiter.event.wait()
-                if waiter.completion is None and waiter.error is None:
-                    waiter.event = anyio.Event()  # woken to take over reading
+                await self._sleep(waiter)
+                if waiter.pending:
+                    waiter.signal = self._signal()  # woken to take over reading
                 continue
             self._reading = True
             try:
-                while waiter.completion is None:
-                    self._deliver(await self.channel.next_completion())
+                await self._read_until(waiter)
             except ConnectionLost as exc:
                 self._fail_all(exc)
                 raise
             finally:
                 self._reading = False
+                self._stint = None
                 self._hand_off()
+
+    async def _read_until(self, waiter: _Waiter) -> None:
+        """Read completions until ``waiter``'s own arrives or it expires."""
+        while waiter.pending:
+            deadline = min(w.deadline for w in self._waiters.values() if w.pending)
+            with anyio.CancelScope(deadline=deadline) as self._stint:
+                while waiter.completion is None:
+                    self._deliver(await self.channel.next_completion())
+            self._stint = None
+            if waiter.completion is not None:
+                return
+            # The earliest deadline passed: wake whoever it was (the reader may be one).
+            now = self._now()
+            for other in self._waiters.values():
+                if other.pending and other.deadline <= now:
+                    other.expired = True
+                    self._wake(other)
 
     def _deliver(self, completion: Completion) -> None:
         waiter = self._waiters.get(completion.cid)
@@ -155,21 +240,21 @@ class QueuePair:
             )
             return
         waiter.completion = completion
-        waiter.event.set()
+        self._wake(waiter)
         if waiter.abandoned:
             self._release(completion.cid)
 
     def _hand_off(self) -> None:
         for waiter in self._waiters.values():
-            if waiter.completion is None and waiter.error is None and not waiter.abandoned:
-                waiter.event.set()
+            if waiter.pending and not waiter.abandoned:
+                self._wake(waiter)
                 return
 
     def _fail_all(self, exc: ConnectionLost) -> None:
         self._lost = exc
         for cid, waiter in list(self._waiters.items()):
             waiter.error = exc
-            waiter.event.set()
+            self._wake(waiter)
             if waiter.abandoned:
                 self._release(cid)
 

@@ -79,3 +79,11 @@ class SglDescriptor:
             return cls(address, length, key, identifier)
         address, length, identifier = _UNKEYED.unpack_from(buf, offset)
         return cls(address, length, 0, identifier)
+
+
+def pack_unkeyed_into(
+    buf: bytearray | memoryview, offset: int, address: int, length: int, identifier: int
+) -> None:
+    """An unkeyed descriptor straight into ``buf``: what a transport does for every command,
+    without building a ``SglDescriptor`` first."""
+    _UNKEYED.pack_into(buf, offset, address, length, identifier)

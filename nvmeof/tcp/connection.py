@@ -64,7 +64,6 @@ from nvmeof.tcp.pdu import (
     SQE_SIZE,
     Buffer,
     C2HDataHeader,
-    CapsuleCmdHeader,
     CapsuleRespHeader,
     CommonHeader,
     FatalErrorStatus,
@@ -74,6 +73,7 @@ from nvmeof.tcp.pdu import (
     PduFlags,
     PduType,
     build_header,
+    capsule_cmd_header,
 )
 
 __all__ = [
@@ -170,22 +170,30 @@ class HostConnection(PduConnection):
         sqe_view = byte_view(sqe)
         if len(sqe_view) != SQE_SIZE:
             raise ValueError(f"SQE must be {SQE_SIZE} bytes, got {len(sqe_view)}")
-        cid = int.from_bytes(sqe_view[2:4], "little")
+        cid = sqe_view[2] | sqe_view[3] << 8
         if cid in self._writes or cid in self._reads:
             raise ProtocolError(f"command {cid} already has data registered")
-        icd = Scatter(in_capsule)
-        payload = icd.slice(0, icd.total)
+        # One buffer is the common case: no Scatter for it.
+        if not in_capsule:
+            payload: list[memoryview] = []
+        elif len(in_capsule) == 1:
+            payload = [byte_view(in_capsule[0])]
+        else:
+            icd = Scatter(in_capsule)
+            payload = icd.slice(0, icd.total)
+        total = sum(len(v) for v in payload)
         if write:
             self._writes[cid] = Scatter(write)
         if read_into:
             reads = Scatter(read_into)
-            if any(v.readonly for v in reads.views):
-                raise ValueError("read_into views must be writable")
+            for view in reads.views:
+                if view.readonly:
+                    raise ValueError("read_into views must be writable")
             self._reads[cid] = _Read(reads)
-        header = build_header(
-            CapsuleCmdHeader(bytes(sqe_view)),
+        header = capsule_cmd_header(
+            sqe_view,
             header_digest=params.header_digest,
-            data_length=icd.total,
+            data_length=total,
             data_digest=params.data_digest,
             pda=params.cpda,
         )

@@ -361,3 +361,28 @@ def build_header(
     if header_digest:
         _DIGEST.pack_into(out, hlen, _crc32c.crc32c(memoryview(out)[:hlen]))
     return out
+
+
+_CAPSULE_CMD = int(PduType.CAPSULE_CMD)
+_CMD_HLEN = HLEN[PduType.CAPSULE_CMD]
+
+
+def capsule_cmd_header(
+    sqe: memoryview, *, header_digest: bool, data_length: int, data_digest: bool, pda: int
+) -> bytearray:
+    """``build_header(CapsuleCmdHeader(sqe), ...)`` without the intermediate record: one per
+    command sent, so it is worth the few lines."""
+    if data_length:
+        size = pdo = data_offset(_CMD_HLEN, header_digest, pda)
+    else:
+        pdo = 0
+        size = _CMD_HLEN + (DIGEST_SIZE if header_digest else 0)
+    data_digest = data_digest and data_length > 0
+    flags = (_HDGSTF if header_digest else 0) | (_DDGSTF if data_digest else 0)
+    plen = size + data_length + (DIGEST_SIZE if data_digest else 0)
+    out = bytearray(size)
+    _CH.pack_into(out, 0, _CAPSULE_CMD, flags, _CMD_HLEN, pdo, plen)
+    out[8:_CMD_HLEN] = sqe
+    if header_digest:
+        _DIGEST.pack_into(out, _CMD_HLEN, _crc32c.crc32c(memoryview(out)[:_CMD_HLEN]))
+    return out

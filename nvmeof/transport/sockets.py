@@ -22,14 +22,18 @@ Buffer = bytes | bytearray | memoryview
 
 # Linux caps one sendmsg at IOV_MAX (1024) buffers.
 _IOV_MAX = 1024
-_SOCKET_BUFFER = 4 * 1024 * 1024
+#: Seconds a peer may accept no bytes at all while we have some to send, before the connection
+#: counts as lost (as the Linux host's 30 s I/O timeout). Commands themselves time out on their
+#: own; this bounds a send nobody drains, which no command timeout covers.
+SEND_STALL_TIMEOUT = 30.0
+_SOCKET_BUFFER = 0
 
 
 def tune(sock: socket.socket) -> None:
     sock.setblocking(False)
     if sock.family in (socket.AF_INET, socket.AF_INET6):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+    for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF) if _SOCKET_BUFFER else ():
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, opt, _SOCKET_BUFFER)
 
@@ -41,6 +45,7 @@ class AsyncSocket:
         tune(sock)
         self.sock = sock
         self.closed = False
+        self.send_stall_timeout = SEND_STALL_TIMEOUT
         try:
             self.peer = _format_address(sock.getpeername())
         except OSError:
@@ -74,7 +79,13 @@ class AsyncSocket:
             views = _advance(views, sent)
             if views:
                 try:
-                    await anyio.wait_writable(self.sock)
+                    with anyio.fail_after(self.send_stall_timeout):
+                        await anyio.wait_writable(self.sock)
+                except TimeoutError:  # before OSError, its base class
+                    await self.aclose()
+                    raise ConnectionLost(
+                        f"{self.peer} accepted no data for {self.send_stall_timeout}s"
+                    ) from None
                 except (anyio.ClosedResourceError, OSError) as exc:
                     raise ConnectionLost(f"connection to {self.peer} closed") from exc
                 except BaseException:

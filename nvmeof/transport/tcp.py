@@ -14,7 +14,7 @@ import anyio.lowlevel
 from nvmeof.errors import CommandError, ConnectionLost, PduError
 from nvmeof.spec.command import Command
 from nvmeof.spec.completion import Completion
-from nvmeof.spec.sgl import SglDescriptor, SglIdentifier
+from nvmeof.spec.sgl import SglIdentifier, pack_unkeyed_into
 from nvmeof.spec.status import GenericStatus, Status
 from nvmeof.tcp.connection import (
     CommandReceived,
@@ -37,6 +37,8 @@ log = logging.getLogger("nvmeof.transport.tcp")
 ADMIN_IN_CAPSULE_DATA = 8192  # admin queue and fabrics commands, as Linux and SPDK
 DEFAULT_PORT = 4420
 _CID = struct.Struct("<H")
+_IN_CAPSULE = int(SglIdentifier.DATA_BLOCK_OFFSET)
+_TRANSPORT = int(SglIdentifier.TRANSPORT_DATA_BLOCK)
 
 
 class _Sender:
@@ -118,19 +120,14 @@ class TcpHostChannel:
         _CID.pack_into(sqe, 2, cid)
         if out:
             total = sum(len(b) for b in out)
-            in_capsule = total <= self.max_in_capsule_data
-            ident = (
-                SglIdentifier.DATA_BLOCK_OFFSET
-                if in_capsule
-                else SglIdentifier.TRANSPORT_DATA_BLOCK
-            )
-            SglDescriptor(0, total, 0, ident).pack_into(sqe, 24)
-            if in_capsule:
+            if total <= self.max_in_capsule_data:
+                pack_unkeyed_into(sqe, 24, 0, total, _IN_CAPSULE)
                 self._conn.send_command(sqe, in_capsule=out)
             else:
+                pack_unkeyed_into(sqe, 24, 0, total, _TRANSPORT)
                 self._conn.send_command(sqe, write=out)
         else:
-            SglDescriptor(0, sum(len(v) for v in into)).pack_into(sqe, 24)
+            pack_unkeyed_into(sqe, 24, 0, sum(len(v) for v in into), _TRANSPORT)
             self._conn.send_command(sqe, read_into=into)
         await self._flush()
 

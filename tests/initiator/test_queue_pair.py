@@ -202,3 +202,84 @@ async def test_one_reader_at_a_time_and_it_hands_over(channel: ScriptedChannel) 
     assert done == [0, 2, 1]
     # reads: one per completion delivered, plus the reader parked on an empty stream at most
     assert channel.reads <= 4
+
+
+async def test_a_short_timeout_expires_while_a_command_without_one_reads(
+    channel: ScriptedChannel,
+) -> None:
+    """The reader reads under one scope for everybody: a later command with an earlier deadline
+    shortens it, times out on time, and the reader reads on for its own completion."""
+    queue = QueuePair(channel, qid=0, depth=4)
+    outcome: list[str] = []
+    hasty_done = anyio.Event()
+
+    async def patient() -> None:  # an Asynchronous Event Request: no timeout, reads first
+        await queue.execute(Command(opcode=0x0C))
+        outcome.append("patient done")
+
+    async def hasty() -> None:
+        try:
+            await queue.execute(Command(opcode=0x18), timeout=0.05)
+        except CommandTimeout:
+            outcome.append("hasty timed out")
+        hasty_done.set()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(patient)
+        await _settled(lambda: len(channel.submitted) == 1)
+        tg.start_soon(hasty)
+        with anyio.fail_after(5):
+            await hasty_done.wait()
+        assert outcome == ["hasty timed out"]
+        hasty_cid = channel.submitted[1][0]
+        assert channel.forgotten == [hasty_cid]
+        channel.complete(channel.submitted[0][0])
+    assert outcome == ["hasty timed out", "patient done"]
+    assert queue.in_flight == 1  # the abandoned command keeps its CID until it completes
+
+
+async def test_followers_time_out_together_and_the_queue_goes_on(channel: ScriptedChannel) -> None:
+    queue = QueuePair(channel, qid=1, depth=8)
+    timeouts = 0
+
+    async def one() -> None:
+        nonlocal timeouts
+        try:
+            await queue.execute(Command(opcode=0x02), timeout=0.05)
+        except CommandTimeout:
+            timeouts += 1
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(5):
+            tg.start_soon(one)
+    assert timeouts == 5
+    for cid, _ in channel.submitted:
+        channel.complete(cid)  # late completions free the CIDs
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(queue.execute, Command(opcode=0x02))
+        await _settled(lambda: len(channel.submitted) == 6)
+        channel.complete(channel.submitted[5][0])
+    assert queue.in_flight == 0
+
+
+async def test_a_cancelled_waiter_passes_the_reading_on(channel: ScriptedChannel) -> None:
+    """Cancel the reader: another waiter must take over, or its completion is never read."""
+    queue = QueuePair(channel, qid=1, depth=4)
+    second_done = anyio.Event()
+
+    async def second() -> None:
+        await queue.execute(Command(opcode=0x02, nsid=2))
+        second_done.set()
+
+    async with anyio.create_task_group() as tg:
+        async with anyio.create_task_group() as first:
+            first.start_soon(queue.execute, Command(opcode=0x02, nsid=1))
+            await _settled(lambda: len(channel.submitted) == 1)
+            tg.start_soon(second)
+            await _settled(lambda: len(channel.submitted) == 2)
+            first.cancel_scope.cancel()  # the reader goes away mid-read
+        channel.complete(channel.submitted[0][0])  # the cancelled one's late completion
+        channel.complete(channel.submitted[1][0])
+        with anyio.fail_after(5):
+            await second_done.wait()
+    assert queue.in_flight == 0  # the late completion was read and freed its CID
