@@ -26,14 +26,14 @@ _IOV_MAX = 1024
 #: counts as lost (as the Linux host's 30 s I/O timeout). Commands themselves time out on their
 #: own; this bounds a send nobody drains, which no command timeout covers.
 SEND_STALL_TIMEOUT = 30.0
-_SOCKET_BUFFER = 0
+_SOCKET_BUFFER = 4 * 1024 * 1024
 
 
 def tune(sock: socket.socket) -> None:
     sock.setblocking(False)
     if sock.family in (socket.AF_INET, socket.AF_INET6):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF) if _SOCKET_BUFFER else ():
+    for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, opt, _SOCKET_BUFFER)
 
