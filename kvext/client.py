@@ -17,7 +17,7 @@ from typing import Any
 
 import anyio
 
-from kvext.framing import FramingError, ValueHeader, ValueKind, header_length
+from kvext.framing import FramingError, ValueHeader, ValueKind, pack_header
 from kvext.keys import key_bytes, wire_key
 from kvext.spec import (
     KV_CSI,
@@ -126,10 +126,8 @@ class KVClient:
         """Store ``value`` (bytes-like, numpy array or torch CPU tensor) under ``key``."""
         layout, payload = describe(value)
         if self.framing:
-            header = ValueHeader.from_layout(
-                layout, key=key_bytes(key, self.tenant), payload_len=len(payload)
-            )
-            out: list[bytes | memoryview] = [header.pack(), payload]
+            header = pack_header(layout, key_bytes(key, self.tenant), len(payload))
+            out: list[bytes | memoryview] = [header, payload]
         else:
             out = [payload]
         size = sum(len(b) for b in out)
@@ -168,10 +166,14 @@ class KVClient:
                 raise ValueError(f"value of {key!r} is {completion.dw0} bytes, out is {len(dest)}")
             return out
         layout, _ = describe(out)
-        full = key_bytes(key, self.tenant)
-        scratch = bytearray(header_length(len(full), len(layout.shape)))
+        # The header this value has if it was put as ``out`` is now (the usual case): then
+        # comparing bytes checks all of it, the full key (hash collisions) included.
+        expected = pack_header(layout, key_bytes(key, self.tenant), len(dest))
+        scratch = bytearray(len(expected))
         completion = await self._retrieve(key, [memoryview(scratch), dest])
         if completion.dw0 == len(scratch) + len(dest):
+            if scratch == expected:
+                return out
             header = self._parse(key, scratch)
             if header.length == len(scratch) and header.payload_len == len(dest):
                 return out

@@ -155,25 +155,10 @@ class ValueHeader:
         end = offset + self.length
         if offset < 0 or end > len(buf):
             raise ValueError(f"header of {self.length} bytes does not fit at offset {offset}")
-        ndim = len(self.shape)
-        _FIXED.pack_into(
-            buf,
-            offset,
-            MAGIC,
-            VERSION,
-            self.kind,
-            DTYPE_BY_NAME[self.dtype].code,
-            ndim,
-            len(self.key),
-            self.flags,
-            self.payload_len,
+        code = DTYPE_BY_NAME[self.dtype].code
+        _pack_fields(
+            buf, offset, end, self.kind, code, self.shape, self.key, self.flags, self.payload_len
         )
-        pos = offset + FIXED_HEADER_LENGTH
-        struct.pack_into(f"<{ndim}Q", buf, pos, *self.shape)
-        pos += 8 * ndim
-        buf[pos : pos + len(self.key)] = self.key
-        pos += len(self.key)
-        buf[pos:end] = bytes(end - pos)  # pad: at most 7 bytes
         return end
 
     @staticmethod
@@ -202,6 +187,57 @@ class ValueHeader:
         if any(view[pos:total]):
             raise FramingError("header padding is not zero")
         return cls(_kind(kind), dtype.name, shape, key, payload_len, flags)
+
+
+def pack_header(layout: ValueLayout, key: bytes, payload_len: int) -> bytes:
+    """``ValueHeader.from_layout(layout, key=key, payload_len=payload_len).pack()``, without
+    building the record when the fields are plainly valid (every put, every get's expected
+    header); anything else goes through ``ValueHeader``, which says what is wrong."""
+    dtype = DTYPE_BY_NAME.get(layout.dtype)
+    shape = layout.shape
+    if (
+        dtype is not None
+        and len(key) <= MAX_KEY_LENGTH
+        and 0 <= payload_len < _U64_LIMIT
+        and (
+            layout is BYTES_LAYOUT
+            or (
+                layout.kind is not ValueKind.BYTES
+                and len(shape) <= MAX_NDIM
+                and all(0 <= dim < _U64_LIMIT for dim in shape)
+                and math.prod(shape) * dtype.itemsize == payload_len
+            )
+        )
+    ):
+        end = header_length(len(key), len(shape))
+        buf = bytearray(end)
+        _pack_fields(buf, 0, end, layout.kind, dtype.code, shape, key, 0, payload_len)
+        return bytes(buf)
+    return ValueHeader.from_layout(layout, key=key, payload_len=payload_len).pack()
+
+
+def _pack_fields(
+    buf: bytearray | memoryview,
+    offset: int,
+    end: int,
+    kind: int,
+    dtype_code: int,
+    shape: tuple[int, ...],
+    key: bytes,
+    flags: int,
+    payload_len: int,
+) -> None:
+    ndim = len(shape)
+    _FIXED.pack_into(
+        buf, offset, MAGIC, VERSION, kind, dtype_code, ndim, len(key), flags, payload_len
+    )
+    pos = offset + FIXED_HEADER_LENGTH
+    if ndim:
+        struct.pack_into(f"<{ndim}Q", buf, pos, *shape)
+        pos += 8 * ndim
+    buf[pos : pos + len(key)] = key
+    pos += len(key)
+    buf[pos:end] = bytes(end - pos)  # pad: at most 7 bytes
 
 
 def _kind(value: int) -> ValueKind:

@@ -71,6 +71,7 @@ class FabricsStatus(enum.IntEnum):
 
 _DNR = 1 << 15
 _MORE = 1 << 14
+_BY_FIELD: dict[int, Status] = {}  # at most 2**15 entries: bounded
 
 
 @attrs.frozen
@@ -107,13 +108,18 @@ class Status:
 
     @classmethod
     def from_field(cls, field: int) -> Status:
-        return cls(
-            sct=(field >> 9) & 0x7,
-            sc=(field >> 1) & 0xFF,
-            dnr=bool(field & _DNR),
-            more=bool(field & _MORE),
-            crd=(field >> 12) & 0x3,
-        )
+        # One record per distinct field (a value: frozen, shared); every completion decodes one.
+        key = field & 0xFFFE  # the phase tag (bit 0) is not part of the status
+        status = _BY_FIELD.get(key)
+        if status is None:
+            status = _BY_FIELD[key] = cls(
+                sct=(field >> 9) & 0x7,
+                sc=(field >> 1) & 0xFF,
+                dnr=bool(field & _DNR),
+                more=bool(field & _MORE),
+                crd=(field >> 12) & 0x3,
+            )
+        return status
 
     def describe(self) -> str:
         table: type[enum.IntEnum] | None = None

@@ -24,6 +24,7 @@ Choices where the references leave room (after SPDK lib/nvmf/tcp.c and lib/nvme/
 from __future__ import annotations
 
 import itertools
+import struct
 from collections.abc import Sequence
 
 from nvmeof.errors import ProtocolError
@@ -59,6 +60,7 @@ from nvmeof.tcp.pdu import (
     FEI_PFV,
     FEI_PLEN,
     FEI_TTAG,
+    HLEN,
     MAX_PDA,
     R2T,
     SQE_SIZE,
@@ -98,6 +100,11 @@ __all__ = [
 _FES = FatalErrorStatus
 _S = ConnectionState
 _T = PduType
+_U32 = struct.Struct("<I")
+_RESP_SIZE = HLEN[_T.CAPSULE_RESP]
+_RESP_CH = struct.pack("<BBBBI", _T.CAPSULE_RESP, 0, _RESP_SIZE, 0, _RESP_SIZE)
+_CMD_HLEN = HLEN[_T.CAPSULE_CMD]
+_CMD_CH_PREFIX = bytes([_T.CAPSULE_CMD, 0, _CMD_HLEN])
 
 
 class _Pull:
@@ -224,6 +231,17 @@ class HostConnection(PduConnection):
         else:  # C2H_DATA
             self._on_c2h(ch, C2HDataHeader.unpack_from(hdr), hdr_bytes)
 
+    def _on_fast_pdu(self, avail: int) -> bool:
+        # A CapsuleResp without header digest: type, flags 0, HLEN 24, PDO 0, PLEN 24.
+        if avail < _RESP_SIZE:
+            return False
+        start = self._rstart
+        cqe = bytearray(self._rview[start + 8 : start + _RESP_SIZE])
+        self.forget(cqe[12] | cqe[13] << 8)
+        self._events.append(ResponseReceived(memoryview(cqe)))
+        self._rstart = start + _RESP_SIZE
+        return True
+
     def _on_icresp(self, resp: ICResp) -> None:
         req = self._icreq
         # Linux host rule set (REFERENCE 1.4), except that a CPDA != 0 is honoured.
@@ -252,6 +270,8 @@ class HostConnection(PduConnection):
             maxh2cdata=resp.maxh2cdata,
             maxr2t=req.maxr2t,
         )
+        if not resp.header_digest:
+            self._fast_prefix = _RESP_CH
         self._events.append(ICRespReceived(self.params))
 
     def _on_r2t(self, r2t: R2T, hdr_bytes: int) -> None:
@@ -386,6 +406,7 @@ class ControllerConnection(PduConnection):
         )
         conn.params = params
         conn._state = _S.READY
+        conn._set_fast_prefix()
         return conn
 
     # -- API -------------------------------------------------------------------------------------
@@ -507,7 +528,35 @@ class ControllerConnection(PduConnection):
             maxh2cdata=self._maxh2cdata,
         )
         self._out.append(resp.to_bytes())
+        self._set_fast_prefix()
         self._events.append(ICReqReceived(self.params))
+
+    def _set_fast_prefix(self) -> None:
+        params = self.params
+        assert params is not None
+        if not params.header_digest and not params.data_digest and self._cpda == 0:
+            # CapsuleCmd, flags 0, HLEN 72, PDO 0 (no data) or 72 (in-capsule data, CPDA 0)
+            self._fast_prefix = _CMD_CH_PREFIX
+
+    def _on_fast_pdu(self, avail: int) -> bool:
+        start = self._rstart
+        pdo = self._rbuf[start + 3]
+        (plen,) = _U32.unpack_from(self._rbuf, start + 4)
+        if avail < plen:
+            return False
+        if pdo == 0 and plen == _CMD_HLEN:
+            sqe = bytearray(self._rview[start + 8 : start + _CMD_HLEN])
+            self._cur_sqe = sqe
+            self._events.append(CommandReceived(memoryview(sqe), None))
+        elif pdo == _CMD_HLEN and _CMD_HLEN < plen <= _CMD_HLEN + self._max_icd:
+            sqe = bytearray(self._rview[start + 8 : start + _CMD_HLEN])
+            icd = bytearray(self._rview[start + _CMD_HLEN : start + plen])
+            self._cur_sqe, self._cur_icd, self._cur_pull = sqe, icd, None
+            self._events.append(CommandReceived(memoryview(sqe), memoryview(icd)))
+        else:
+            return False  # PDO or PLEN out of line: the general path says how
+        self._rstart = start + plen
+        return True
 
     def _on_h2c(self, hdr: H2CDataHeader, hdr_bytes: int) -> None:
         pull = self._pulls.get(hdr.cccid)

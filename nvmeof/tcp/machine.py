@@ -170,6 +170,10 @@ class PduConnection:
         self._seg_i = 0
         self._seg_off = 0
         self._payload_left = 0
+        # The CH prefix of the PDU shape a role sees most (a CapsuleResp, a CapsuleCmd), set once
+        # READY without header digests: a PDU starting with it, whole in the buffer, skips the
+        # general checks, whose outcome for these bytes is known (``_on_fast_pdu``).
+        self._fast_prefix = b""
 
     # -- public ------------------------------------------------------------------------------
     @property
@@ -308,6 +312,12 @@ class PduConnection:
             if phase is _Phase.CH:
                 if avail < COMMON_HEADER_SIZE:
                     return
+                if (
+                    self._fast_prefix
+                    and self._rbuf.startswith(self._fast_prefix, self._rstart)
+                    and self._on_fast_pdu(avail)
+                ):
+                    continue
                 self._check_common_header()
                 self._phase = _Phase.HEADER
             elif phase is _Phase.HEADER:
@@ -445,6 +455,11 @@ class PduConnection:
                 self._out.append(pack_digest(crc32c_of(payload)))
 
     # -- role hooks ----------------------------------------------------------------------------
+    def _on_fast_pdu(self, avail: int) -> bool:
+        """Handle the PDU at ``_rstart`` (its CH starts with ``_fast_prefix``; ``avail`` bytes
+        are buffered) exactly as the general path would, or return False to leave it to that."""
+        return False
+
     def _rx_pda(self) -> int:
         raise NotImplementedError
 

@@ -19,7 +19,9 @@ from kvext.framing import (
     HeaderFlag,
     ValueHeader,
     ValueKind,
+    ValueLayout,
     header_length,
+    pack_header,
 )
 from kvext.tensor import describe, materialize, writable_view
 
@@ -88,6 +90,37 @@ def test_header_round_trip(header: ValueHeader, offset: int) -> None:
     buf = bytearray(offset + len(packed))
     assert header.pack_into(memoryview(buf), offset) == offset + len(packed)
     assert bytes(buf[offset:]) == packed
+
+
+@given(headers)
+def test_pack_header_is_the_record_packed(header: ValueHeader) -> None:
+    """The put/get fast path packs what the record would, byte for byte."""
+    if header.flags == 0:
+        assert pack_header(header.layout, header.key, header.payload_len) == header.pack()
+
+
+@given(
+    st.sampled_from([*sorted(DTYPE_BY_NAME), "no-such-dtype"]),
+    st.lists(st.integers(-1, 5), max_size=3).map(tuple),
+    st.sampled_from(list(ValueKind)),
+    st.integers(-1, 300),
+    st.integers(0, 3),
+)
+def test_pack_header_refuses_what_the_record_refuses(
+    dtype: str, shape: tuple[int, ...], kind: ValueKind, payload_len: int, key_len: int
+) -> None:
+    layout = ValueLayout(kind, dtype, shape)
+    try:
+        expected: bytes | str = ValueHeader.from_layout(
+            layout, key=b"k" * key_len, payload_len=payload_len
+        ).pack()
+    except FramingError as exc:
+        expected = str(exc)
+    try:
+        got: bytes | str = pack_header(layout, b"k" * key_len, payload_len)
+    except FramingError as exc:
+        got = str(exc)
+    assert got == expected
 
 
 def test_pack_into_too_small() -> None:
