@@ -104,6 +104,15 @@ _U32 = struct.Struct("<I")
 _RESP_SIZE = HLEN[_T.CAPSULE_RESP]
 _RESP_CH = struct.pack("<BBBBI", _T.CAPSULE_RESP, 0, _RESP_SIZE, 0, _RESP_SIZE)
 _CMD_HLEN = HLEN[_T.CAPSULE_CMD]
+_CAPSULE_RESP = int(_T.CAPSULE_RESP)
+_C2H_PDO = HLEN[_T.C2H_DATA]  # no header digest, HPDA 0
+_LAST_SUCCESS = int(PduFlags.LAST_PDU | PduFlags.SUCCESS)
+_C2H_PREFIXES = tuple(
+    bytes([_T.C2H_DATA, flags, _C2H_PDO, _C2H_PDO])
+    for flags in (0, PduFlags.LAST_PDU, _LAST_SUCCESS)
+)
+# PLEN (CH), then the C2HData PSH: CCCID, reserved, DATAO, DATAL
+_C2H_FIELDS = struct.Struct("<IH2xII")
 _CMD_CH_PREFIX = bytes([_T.CAPSULE_CMD, 0, _CMD_HLEN])
 
 
@@ -232,14 +241,31 @@ class HostConnection(PduConnection):
             self._on_c2h(ch, C2HDataHeader.unpack_from(hdr), hdr_bytes)
 
     def _on_fast_pdu(self, avail: int) -> bool:
-        # A CapsuleResp without header digest: type, flags 0, HLEN 24, PDO 0, PLEN 24.
-        if avail < _RESP_SIZE:
+        if avail < _RESP_SIZE:  # both shapes have a 24-byte header
             return False
         start = self._rstart
-        cqe = bytearray(self._rview[start + 8 : start + _RESP_SIZE])
-        self.forget(cqe[12] | cqe[13] << 8)
-        self._events.append(ResponseReceived(memoryview(cqe)))
-        self._rstart = start + _RESP_SIZE
+        rbuf = self._rbuf
+        if rbuf[start] == _CAPSULE_RESP:  # type, flags 0, HLEN 24, PDO 0, PLEN 24
+            cqe = bytearray(self._rview[start + 8 : start + _RESP_SIZE])
+            self.forget(cqe[12] | cqe[13] << 8)
+            self._events.append(ResponseReceived(memoryview(cqe)))
+            self._rstart = start + _RESP_SIZE
+            return True
+        # C2HData, no digests, HPDA 0: PDO 24; flags 0, LAST_PDU or LAST_PDU|SUCCESS
+        plen, cccid, datao, datal = _C2H_FIELDS.unpack_from(rbuf, start + 4)
+        read = self._reads.get(cccid)
+        if (
+            read is None
+            or plen <= _C2H_PDO
+            or datal != plen - _C2H_PDO
+            or datao != read.received
+            or datao + datal > read.scatter.total
+        ):
+            return False  # the general path says what is wrong
+        self._cur_read = read
+        self._cur_cccid = cccid
+        self._cur_success = rbuf[start + 1] == _LAST_SUCCESS
+        self._skip_to_payload(start + _C2H_PDO, datal, read.scatter.slice(datao, datal))
         return True
 
     def _on_icresp(self, resp: ICResp) -> None:
@@ -271,7 +297,9 @@ class HostConnection(PduConnection):
             maxr2t=req.maxr2t,
         )
         if not resp.header_digest:
-            self._fast_prefix = _RESP_CH
+            self._fast_prefix = (_RESP_CH,)
+            if not resp.data_digest and req.hpda == 0:
+                self._fast_prefix += _C2H_PREFIXES
         self._events.append(ICRespReceived(self.params))
 
     def _on_r2t(self, r2t: R2T, hdr_bytes: int) -> None:
@@ -536,7 +564,7 @@ class ControllerConnection(PduConnection):
         assert params is not None
         if not params.header_digest and not params.data_digest and self._cpda == 0:
             # CapsuleCmd, flags 0, HLEN 72, PDO 0 (no data) or 72 (in-capsule data, CPDA 0)
-            self._fast_prefix = _CMD_CH_PREFIX
+            self._fast_prefix = (_CMD_CH_PREFIX,)
 
     def _on_fast_pdu(self, avail: int) -> bool:
         start = self._rstart

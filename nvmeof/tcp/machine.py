@@ -170,10 +170,10 @@ class PduConnection:
         self._seg_i = 0
         self._seg_off = 0
         self._payload_left = 0
-        # The CH prefix of the PDU shape a role sees most (a CapsuleResp, a CapsuleCmd), set once
-        # READY without header digests: a PDU starting with it, whole in the buffer, skips the
-        # general checks, whose outcome for these bytes is known (``_on_fast_pdu``).
-        self._fast_prefix = b""
+        # CH prefixes of the PDU shapes a role sees most (CapsuleResp and C2HData, CapsuleCmd),
+        # set once READY without digests: a PDU starting with one skips the general checks,
+        # whose outcome for these bytes is known (``_on_fast_pdu``).
+        self._fast_prefix: tuple[bytes, ...] = ()
 
     # -- public ------------------------------------------------------------------------------
     @property
@@ -298,6 +298,15 @@ class PduConnection:
         if self._seg_off == len(self._segs[self._seg_i]):
             self._seg_i += 1
             self._seg_off = 0
+
+    def _skip_to_payload(self, payload_start: int, datal: int, segs: list[memoryview]) -> None:
+        """A fast path's header is handled: its payload (no digest) starts at ``payload_start``
+        and lands in ``segs``."""
+        self._hd = self._dd = False
+        self._datal = datal
+        self._rstart = payload_start
+        self._phase = _Phase.PAYLOAD
+        self._expect_payload(segs)
 
     def _expect_payload(self, segs: list[memoryview]) -> None:
         self._segs = segs
