@@ -75,7 +75,9 @@ from nvmeof.tcp.pdu import (
     PduFlags,
     PduType,
     build_header,
+    c2h_data_header,
     capsule_cmd_header,
+    capsule_resp_header,
 )
 
 __all__ = [
@@ -106,6 +108,7 @@ _RESP_CH = struct.pack("<BBBBI", _T.CAPSULE_RESP, 0, _RESP_SIZE, 0, _RESP_SIZE)
 _CMD_HLEN = HLEN[_T.CAPSULE_CMD]
 _CAPSULE_RESP = int(_T.CAPSULE_RESP)
 _C2H_PDO = HLEN[_T.C2H_DATA]  # no header digest, HPDA 0
+_LAST = int(PduFlags.LAST_PDU)
 _LAST_SUCCESS = int(PduFlags.LAST_PDU | PduFlags.SUCCESS)
 _C2H_PREFIXES = tuple(
     bytes([_T.C2H_DATA, flags, _C2H_PDO, _C2H_PDO])
@@ -461,34 +464,41 @@ class ControllerConnection(PduConnection):
     def send_data(self, cid: int, data: Sequence[Buffer], *, success: bool = False) -> None:
         """Queue C2HData PDUs carrying ``data`` (views, not copies); SUCCESS on the last if set."""
         params = self._ready_params()
-        scatter = Scatter(data)
-        if scatter.total == 0:
+        if len(data) == 1:  # the usual case: one buffer, no Scatter for it
+            view = byte_view(data[0])
+            total = len(view)
+            slices = None
+        else:
+            scatter = Scatter(data)
+            total = scatter.total
+            slices = scatter.slice
+        if total == 0:
             raise ValueError("send_data needs at least one byte (C2HData DATAL > 0)")
+        last_flags = _LAST_SUCCESS if success else _LAST
         offset = 0
-        while offset < scatter.total:
-            k = min(self._max_c2h, scatter.total - offset)
-            last = offset + k == scatter.total
-            flags = 0
-            if last:
-                flags = PduFlags.LAST_PDU | (PduFlags.SUCCESS if success else 0)
-            header = build_header(
-                C2HDataHeader(cid, offset, k),
-                flags=flags,
+        while offset < total:
+            k = min(self._max_c2h, total - offset)
+            last = offset + k == total
+            header = c2h_data_header(
+                cid,
+                offset,
+                k,
+                flags=last_flags if last else 0,
                 header_digest=params.header_digest,
-                data_length=k,
                 data_digest=params.data_digest,
                 pda=params.hpda,
             )
-            self._queue_pdu(header, scatter.slice(offset, k), params.data_digest)
+            payload = [view[offset : offset + k]] if slices is None else slices(offset, k)
+            self._queue_pdu(header, payload, params.data_digest)
             offset += k
 
     def send_response(self, cqe: Buffer) -> None:
         """Queue a CapsuleResp."""
-        self._ready_params()
+        params = self._ready_params()
         view = byte_view(cqe)
         if len(view) != CQE_SIZE:
             raise ValueError(f"CQE must be {CQE_SIZE} bytes, got {len(view)}")
-        self._queue_pdu(self._header(CapsuleRespHeader(bytes(view))), (), False)
+        self._queue_pdu(capsule_resp_header(view, header_digest=params.header_digest), (), False)
 
     # -- internals -------------------------------------------------------------------------------
     def _ready_params(self) -> ConnectionParams:

@@ -386,3 +386,42 @@ def capsule_cmd_header(
     if header_digest:
         _DIGEST.pack_into(out, _CMD_HLEN, _crc32c.crc32c(memoryview(out)[:_CMD_HLEN]))
     return out
+
+
+_C2H_DATA = int(PduType.C2H_DATA)
+_C2H_HLEN = HLEN[PduType.C2H_DATA]
+_CAPSULE_RESP = int(PduType.CAPSULE_RESP)
+_RESP_HLEN = HLEN[PduType.CAPSULE_RESP]
+
+
+def c2h_data_header(
+    cccid: int,
+    datao: int,
+    datal: int,
+    *,
+    flags: int,
+    header_digest: bool,
+    data_digest: bool,
+    pda: int,
+) -> bytearray:
+    """``build_header(C2HDataHeader(cccid, datao, datal), ...)`` without the record."""
+    size = pdo = data_offset(_C2H_HLEN, header_digest, pda)
+    flags |= (_HDGSTF if header_digest else 0) | (_DDGSTF if data_digest else 0)
+    plen = size + datal + (DIGEST_SIZE if data_digest else 0)
+    out = bytearray(size)
+    _CH.pack_into(out, 0, _C2H_DATA, flags, _C2H_HLEN, pdo, plen)
+    _XFER.pack_into(out, 8, cccid, 0, datao, datal)
+    if header_digest:
+        _DIGEST.pack_into(out, _C2H_HLEN, _crc32c.crc32c(memoryview(out)[:_C2H_HLEN]))
+    return out
+
+
+def capsule_resp_header(cqe: memoryview, *, header_digest: bool) -> bytearray:
+    """``build_header(CapsuleRespHeader(cqe), ...)`` without the record (the CQE is inside)."""
+    size = _RESP_HLEN + (DIGEST_SIZE if header_digest else 0)
+    out = bytearray(size)
+    _CH.pack_into(out, 0, _CAPSULE_RESP, _HDGSTF if header_digest else 0, _RESP_HLEN, 0, size)
+    out[8:_RESP_HLEN] = cqe
+    if header_digest:
+        _DIGEST.pack_into(out, _RESP_HLEN, _crc32c.crc32c(memoryview(out)[:_RESP_HLEN]))
+    return out

@@ -23,6 +23,9 @@ from nvmeof.tcp.pdu import (
     PduType,
     TermReq,
     build_header,
+    c2h_data_header,
+    capsule_cmd_header,
+    capsule_resp_header,
     crc32c_of,
     data_offset,
     pack_digest,
@@ -168,3 +171,42 @@ def test_build_header_no_data() -> None:
     ic = build_header(ICReq(), header_digest=True)
     assert len(ic) == 128
     assert ic[1] == 0
+
+
+@given(
+    cccid=st.integers(0, 0xFFFF),
+    datao=st.integers(0, 2**32 - 1),
+    datal=st.integers(1, 2**20),
+    flags=st.sampled_from([0, PduFlags.LAST_PDU, PduFlags.LAST_PDU | PduFlags.SUCCESS]),
+    hd=st.booleans(),
+    dd=st.booleans(),
+    pda=st.integers(0, 31),
+)
+def test_lean_headers_equal_the_record_built_ones(
+    cccid: int, datao: int, datal: int, flags: int, hd: bool, dd: bool, pda: int
+) -> None:
+    """The per-PDU send paths pack without records; the bytes must be build_header's."""
+    assert c2h_data_header(
+        cccid, datao, datal, flags=flags, header_digest=hd, data_digest=dd, pda=pda
+    ) == build_header(
+        C2HDataHeader(cccid, datao, datal),
+        flags=flags,
+        header_digest=hd,
+        data_length=datal,
+        data_digest=dd,
+        pda=pda,
+    )
+    cqe = memoryview(bytes(range(16)))
+    assert capsule_resp_header(cqe, header_digest=hd) == build_header(
+        CapsuleRespHeader(cqe), header_digest=hd
+    )
+    sqe = memoryview(bytes(range(64)))
+    assert capsule_cmd_header(
+        sqe, header_digest=hd, data_length=datal % 9000, data_digest=dd, pda=pda
+    ) == build_header(
+        CapsuleCmdHeader(sqe),
+        header_digest=hd,
+        data_length=datal % 9000,
+        data_digest=dd,
+        pda=pda,
+    )
