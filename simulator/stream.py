@@ -20,6 +20,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
+import math
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
@@ -128,9 +129,10 @@ class SimStream:
             self.peer = f"{other}:{connection.client_port}"
         self.closed = False
 
-    async def recv_into(self, view: memoryview) -> int:
+    async def recv_into(self, view: memoryview, *, timeout: float = math.inf) -> int:
         conn = self.connection
         pipe = self._in
+        give_up = anyio.current_time() + timeout
         while True:
             now = anyio.current_time()
             if self.closed:
@@ -154,7 +156,9 @@ class SimStream:
                 if now >= pipe.eof_at:
                     return 0
                 deadline = min(deadline, pipe.eof_at)
-            await pipe.changed.wait(deadline)
+            if now >= give_up:
+                raise TimeoutError(f"no data on simulated connection {conn.id} for {timeout}s")
+            await pipe.changed.wait(min(deadline, give_up))
 
     async def send_all(self, buffers: Sequence[Buffer]) -> None:
         conn = self.connection

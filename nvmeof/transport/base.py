@@ -7,6 +7,7 @@ the caller's: a value lands directly in the tensor that asked for it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
@@ -21,12 +22,14 @@ Buffer = bytes | bytearray | memoryview
 class ByteStream(Protocol):
     """A reliable ordered byte stream with zero-copy receive: a TCP socket, or the simulator's.
 
-    ``recv_into`` returns 0 at end of stream; failures raise ``ConnectionLost``.
+    ``recv_into`` returns 0 at end of stream; failures raise ``ConnectionLost``; with a
+    ``timeout``, no byte for that many seconds raises ``TimeoutError`` (and costs nothing while
+    bytes are already there: no cancel scope per receive on a busy stream).
     """
 
     peer: str
 
-    async def recv_into(self, view: memoryview) -> int: ...
+    async def recv_into(self, view: memoryview, *, timeout: float = math.inf) -> int: ...
 
     async def send_all(self, buffers: Sequence[Buffer]) -> None: ...
 

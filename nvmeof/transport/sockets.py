@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import math
 import socket
 from collections.abc import Sequence
 
 import anyio
+import anyio.lowlevel
 
 from nvmeof.errors import ConnectionLost
 
@@ -27,6 +29,7 @@ _IOV_MAX = 1024
 #: own; this bounds a send nobody drains, which no command timeout covers.
 SEND_STALL_TIMEOUT = 30.0
 _SOCKET_BUFFER = 4 * 1024 * 1024
+_FAIR_RECEIVES = 32
 
 
 def tune(sock: socket.socket) -> None:
@@ -46,22 +49,40 @@ class AsyncSocket:
         self.sock = sock
         self.closed = False
         self.send_stall_timeout = SEND_STALL_TIMEOUT
+        self._streak = 0  # receives in a row that did not wait
         try:
             self.peer = _format_address(sock.getpeername())
         except OSError:
             self.peer = "?"
 
-    async def recv_into(self, view: memoryview) -> int:
-        """Receive into ``view``; 0 means the peer closed its side."""
+    async def recv_into(self, view: memoryview, *, timeout: float = math.inf) -> int:
+        """Receive into ``view``; 0 means the peer closed its side. ``timeout``: seconds to wait
+        for the first byte (``TimeoutError``); the scope exists only while waiting."""
         while True:
             try:
-                return self.sock.recv_into(view)
+                n = self.sock.recv_into(view)
             except (BlockingIOError, InterruptedError):
                 pass
             except OSError as exc:
                 raise ConnectionLost(f"receive from {self.peer} failed: {exc}") from exc
+            else:
+                # Bytes that are already there come back without a trip through the event loop;
+                # so that a peer streaming without a pause cannot starve every other task,
+                # every _FAIR_RECEIVES-th such receive yields once.
+                self._streak += 1
+                if self._streak >= _FAIR_RECEIVES:
+                    self._streak = 0
+                    await anyio.lowlevel.checkpoint()
+                return n
+            self._streak = 0
             try:
-                await anyio.wait_readable(self.sock)
+                if timeout == math.inf:
+                    await anyio.wait_readable(self.sock)
+                else:
+                    with anyio.fail_after(timeout):
+                        await anyio.wait_readable(self.sock)
+            except TimeoutError:
+                raise
             except (anyio.ClosedResourceError, OSError) as exc:
                 raise ConnectionLost(f"connection to {self.peer} closed") from exc
 

@@ -52,13 +52,16 @@ class _Sender:
     loopback each ``sendmsg`` also runs the receiver's TCP stack, so fewer of them is the win.
     """
 
-    def __init__(self, sock: ByteStream, take: Callable[[], list[Buffer]]) -> None:
+    def __init__(
+        self, sock: ByteStream, take: Callable[[], list[Buffer]], pending: Callable[[], bool]
+    ) -> None:
         self._sock = sock
         self._take = take
+        self._pending = pending
         self._sending = False
 
     async def flush(self) -> None:
-        if self._sending:
+        if self._sending or not self._pending():
             return
         self._sending = True
         try:
@@ -75,7 +78,7 @@ class TcpHostChannel:
     def __init__(self, sock: ByteStream, conn: HostConnection) -> None:
         self._sock = sock
         self._conn = conn
-        self._sender = _Sender(sock, conn.data_to_send)
+        self._sender = _Sender(sock, conn.data_to_send, lambda: conn.has_data_to_send)
         self._digest_failed: set[int] = set()
         self._lost: ConnectionLost | None = None
         self.peer = sock.peer
@@ -238,7 +241,8 @@ class TcpControllerChannel:
                 max_c2h_data=maxh2cdata,
                 allow_digests=allow_digests,
             )
-        self._sender = _Sender(sock, self._conn.data_to_send)
+        conn = self._conn
+        self._sender = _Sender(sock, conn.data_to_send, lambda: conn.has_data_to_send)
         self._pulls: dict[int, _Pull] = {}
         self.sq_flow_control_disabled = False  # set by the queue's Connect (CATTR bit 2)
         self.success_shortcuts = 0
@@ -262,20 +266,18 @@ class TcpControllerChannel:
             while True:
                 event = self._conn.next_event()
                 if event is None:
-                    await self._sender.flush()
-                    if self._conn.between_pdus:
-                        # An idle queue is keep-alive's business: no timer (and no cancel scope,
-                        # which costs on every receive).
-                        n = await self._sock.recv_into(self._conn.wants())
-                    else:
-                        with anyio.move_on_after(self._header_timeout) as waiting:
-                            n = await self._sock.recv_into(self._conn.wants())
-                        if waiting.cancelled_caught:
-                            log.warning(
-                                "[%s] peer stalled %ss inside a PDU (or before ICReq): closing",
-                                self.peer, self._header_timeout,
-                            )  # fmt: skip
-                            return
+                    if self._conn.has_data_to_send:
+                        await self._sender.flush()
+                    # An idle queue is keep-alive's business: no timer between PDUs.
+                    stall = math.inf if self._conn.between_pdus else self._header_timeout
+                    try:
+                        n = await self._sock.recv_into(self._conn.wants(), timeout=stall)
+                    except TimeoutError:
+                        log.warning(
+                            "[%s] peer stalled %ss inside a PDU (or before ICReq): closing",
+                            self.peer, self._header_timeout,
+                        )  # fmt: skip
+                        return
                     self._conn.received(n)
                     continue
                 if isinstance(event, DataReceived):
