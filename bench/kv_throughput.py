@@ -74,7 +74,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-ops", type=int, default=200_000, help="stop a cell after this many commands"
     )
-    parser.add_argument("--queues", type=int, default=4, help="I/O queues (connections)")
+    parser.add_argument(
+        "--queues",
+        type=int,
+        default=1,
+        help="I/O queues (connections; default 1: a target process serves its queues from one"
+        " thread, so more queues only split the batches that one sendmsg/recv carries)",
+    )
     parser.add_argument(
         "--digests", action="store_true", help="header and data digests (CRC32C) on"
     )
