@@ -41,6 +41,8 @@ log = logging.getLogger("kvext.client")
 
 Key = bytes | str
 
+_MUST_EXIST = int(StoreOption.MUST_EXIST)
+_MUST_NOT_EXIST = int(StoreOption.MUST_NOT_EXIST)
 _FIRST_READ = 64 * 1024  # a get() without out= reads this much first, then the rest if needed
 _LIST_ENTRY_MAX = 20  # u16 length + 16-byte key, padded to 4 bytes
 
@@ -130,10 +132,12 @@ class KVClient:
             out: list[bytes | memoryview] = [header, payload]
         else:
             out = [payload]
-        size = sum(len(b) for b in out)
-        options = (StoreOption.MUST_EXIST if must_exist else 0) | (
-            StoreOption.MUST_NOT_EXIST if must_not_exist else 0
-        )
+        size = sum(map(len, out))
+        options = 0
+        if must_exist or must_not_exist:
+            options = (_MUST_EXIST if must_exist else 0) | (
+                _MUST_NOT_EXIST if must_not_exist else 0
+            )
         completion = await self.controller.execute_io(
             store_command(self.nsid, wire_key(key, self.tenant), size, options=options),
             out=out,

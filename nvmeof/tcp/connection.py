@@ -192,15 +192,8 @@ class HostConnection(PduConnection):
         cid = sqe_view[2] | sqe_view[3] << 8
         if cid in self._writes or cid in self._reads:
             raise ProtocolError(f"command {cid} already has data registered")
-        # One buffer is the common case: no Scatter for it.
-        if not in_capsule:
-            payload: list[memoryview] = []
-        elif len(in_capsule) == 1:
-            payload = [byte_view(in_capsule[0])]
-        else:
-            icd = Scatter(in_capsule)
-            payload = icd.slice(0, icd.total)
-        total = sum(len(v) for v in payload)
+        payload = [view for view in map(byte_view, in_capsule) if view]
+        total = sum(map(len, payload))
         if write:
             self._writes[cid] = Scatter(write)
         if read_into:
