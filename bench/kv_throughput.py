@@ -38,6 +38,7 @@ import anyio.to_thread
 import attrs
 
 from bench.file_io import FileBaseline
+from bench.iperf import loopback_gb_per_s
 from bench.raw_tcp import RawResult, RawServer, spawn_raw_server
 from nvmeof.eventloop import run_options
 from nvmeof.units import format_size, parse_size
@@ -198,6 +199,13 @@ class Cell:
     redis: Stats | None = None
     flash: Stats | None = None  # the flash-backed target
     file: Stats | None = None  # os.pwrite / os.preadv on a file
+    iperf3: float | None = None  # GB/s of one iperf3 stream over loopback, next to this size
+
+    @property
+    def iperf3_ratio(self) -> float | None:
+        if not self.iperf3:
+            return None
+        return self.kv.gb_per_s(self.size) / self.iperf3
 
     @property
     def file_ratio(self) -> float | None:
@@ -241,6 +249,8 @@ class Cell:
             "kv": stats(self.kv),
             "raw_tcp": stats(self.raw),
             "ratio_to_raw": self.ratio,
+            "iperf3_gb_per_s": self.iperf3,
+            "ratio_to_iperf3": self.iperf3_ratio,
             "redis_py": stats(self.redis),
             "ratio_to_redis_py": self.redis_ratio,
             "flash": stats(self.flash),
@@ -414,6 +424,9 @@ async def _bench_size(
 
     redis_ops = {"put": redis_put, "get": redis_get}
 
+    # The single-stream loopback bound, measured next to this size's cells (figures drift
+    # between time windows here, so each size gets its own).
+    iperf3 = None if raw is None else await anyio.to_thread.run_sync(loopback_gb_per_s, 1.0)
     for phase, op in (("put", put), ("get", get)):
         if phase == "get":
             await _refill(kv, keys, value)
@@ -452,7 +465,9 @@ async def _bench_size(
                         baseline.run_get, size, n, settings.seconds, cap
                     )
                 file_stats = _raw_stats(result)
-            cell = Cell(phase, size, n, kv_stats, raw_stats, redis_stats, flash_stats, file_stats)
+            cell = Cell(
+                phase, size, n, kv_stats, raw_stats, redis_stats, flash_stats, file_stats, iperf3
+            )
             cells.append(cell)
             report(cell)
     for key in keys:
@@ -477,6 +492,8 @@ COLUMNS = (
     ("raw GB/s", ">"),
     ("raw p50 ms", ">"),
     ("vs raw", ">"),
+    ("iperf3 GB/s", ">"),
+    ("vs iperf3", ">"),
 )
 COMPARE_COLUMNS = (("redis-py ops/s", ">"), ("vs redis-py", ">"))
 FLASH_COLUMNS = (("flash GB/s", ">"), ("flash p50 ms", ">"), ("file GB/s", ">"), ("vs file", ">"))
@@ -496,6 +513,8 @@ def _row(cell: Cell, *, compare: bool = False, flash: bool = False) -> list[str]
         "-" if raw is None else f"{raw.gb_per_s(cell.size):.3f}",
         "-" if raw is None else f"{raw.p50 * 1e3:.3f}",
         "-" if ratio is None else f"{ratio:.2f}x",
+        "-" if cell.iperf3 is None else f"{cell.iperf3:.3f}",
+        "-" if cell.iperf3_ratio is None else f"{cell.iperf3_ratio:.2f}x",
     ]
     if compare:
         row += [
@@ -701,7 +720,9 @@ def main(args: argparse.Namespace) -> int:
     print(
         "GB/s = 1e9 bytes/s of value data; latency per command, perf_counter around each await;"
         " raw = plain Python loopback socket to a child process, recv_into a preallocated buffer,"
-        " same size and in-flight; vs raw = KV GB/s / raw GB/s."
+        " same size and in-flight; vs raw = KV GB/s / raw GB/s. iperf3 = one iperf3 TCP stream"
+        " over loopback (C on both ends), measured next to each value size; vs iperf3 = KV GB/s"
+        " / iperf3 GB/s."
     )
     if settings.compare:
         print(

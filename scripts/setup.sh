@@ -18,17 +18,20 @@ pip_install --upgrade pip
 # torch is pinned: this exact CPU build is what the machines here install without a multi-GB download.
 pip_install -e '.[dev]' 'torch==2.13.0'
 
-# The test suite's real peers: tshark (NVMe/TCP dissector) and redis-server (bench --compare).
+# The test suite's real peers: tshark (NVMe/TCP dissector), redis-server and iperf3 (the bench's
+# --compare peer and loopback bound).
 if [ "${1:-}" = "--with-tshark" ]; then
     missing=""
     command -v tshark >/dev/null 2>&1 || missing="$missing tshark"
     command -v redis-server >/dev/null 2>&1 || missing="$missing redis-server"
+    command -v iperf3 >/dev/null 2>&1 || missing="$missing iperf3"
     if [ -n "$missing" ]; then
         export DEBIAN_FRONTEND=noninteractive
         SUDO=""
         [ "$(id -u)" -eq 0 ] || SUDO="sudo"
         $SUDO apt-get update -qq
         echo "wireshark-common wireshark-common/install-setuid boolean false" | $SUDO debconf-set-selections
+        echo "iperf3 iperf3/start_daemon boolean false" | $SUDO debconf-set-selections
         # shellcheck disable=SC2086
         $SUDO apt-get install -y -qq $missing >/dev/null
     fi

@@ -22,7 +22,7 @@ SIZES = {"4KiB": 4096, "64KiB": 65536}
 INFLIGHT = (1, 4)
 HEADER = [
     "op", "size", "inflight", "ops", "ops/s", "GB/s",
-    "p50 ms", "p99 ms", "raw GB/s", "raw p50 ms", "vs raw",
+    "p50 ms", "p99 ms", "raw GB/s", "raw p50 ms", "vs raw", "iperf3 GB/s", "vs iperf3",
 ]  # fmt: skip
 FLASH_HEADER = ["flash GB/s", "flash p50 ms", "file GB/s", "vs file"]
 
@@ -76,6 +76,9 @@ def test_bench_prints_a_row_per_cell_with_a_ratio_to_raw_tcp(
         assert row[10].endswith("x")
         if raw_gbps > 0:  # else rounded away in print; the JSON checks the ratio below
             assert float(row[10][:-1]) == pytest.approx(gbps / raw_gbps, rel=0.05, abs=0.01)
+        # iperf3 (the test command installs it): one stream over loopback, next to each size
+        assert float(row[11]) > 0
+        assert row[12].endswith("x")
 
     data = json.loads(json_path.read_text())
     assert data["backend"] == backend
@@ -88,6 +91,8 @@ def test_bench_prints_a_row_per_cell_with_a_ratio_to_raw_tcp(
         assert c["raw_tcp"]["gb_per_s"] > 0
         assert c["raw_tcp"]["ops"] >= c["inflight"]
         assert c["ratio_to_raw"] == pytest.approx(c["kv"]["gb_per_s"] / c["raw_tcp"]["gb_per_s"])
+        assert c["iperf3_gb_per_s"] > 0
+        assert c["ratio_to_iperf3"] == pytest.approx(c["kv"]["gb_per_s"] / c["iperf3_gb_per_s"])
 
 
 def test_bench_without_raw_bound_leaves_the_ratio_empty(capsys: pytest.CaptureFixture[str]) -> None:
@@ -98,7 +103,7 @@ def test_bench_without_raw_bound_leaves_the_ratio_empty(capsys: pytest.CaptureFi
     rows = _table_rows(out)
     assert [r[:4] for r in rows] == [["put", "4KiB", "2", "20"], ["get", "4KiB", "2", "20"]]
     for row in rows:
-        assert row[8:] == ["-", "-", "-"]
+        assert row[8:] == ["-", "-", "-", "-", "-"]
 
 
 def test_bench_rejects_bad_options(capsys: pytest.CaptureFixture[str]) -> None:
@@ -144,11 +149,11 @@ def test_flash_adds_a_flash_target_and_a_file_baseline(capsys: pytest.CaptureFix
     assert [tuple(r[:3]) for r in rows] == expected
     for row in rows:
         assert len(row) == len(HEADER) + len(FLASH_HEADER), row
-        flash_gbps, flash_p50, file_gbps = map(float, row[11:14])
+        flash_gbps, flash_p50, file_gbps = map(float, row[13:16])
         for v in (flash_gbps, flash_p50, file_gbps):
             assert math.isfinite(v)
             assert v >= 0  # 3 decimals: a tiny cell may read 0.000; the JSON has them exactly
-        assert row[14].endswith("x")
+        assert row[16].endswith("x")
 
     cells = data["cells"]
     assert data["settings"]["flash"] is True
