@@ -15,7 +15,6 @@ import math
 from collections.abc import Sequence
 
 import anyio
-import sniffio
 
 from nvmeof.errors import CommandTimeout, ConnectionLost, NvmeError
 from nvmeof.spec.command import Command
@@ -86,8 +85,7 @@ class QueuePair:
     def _bind(self) -> None:
         """Learn the event loop on first use (the pair may be built outside it)."""
         self._bound = True
-        if sniffio.current_async_library() == "asyncio":
-            self._loop = asyncio.get_running_loop()
+        self._loop = _asyncio_loop()
 
     def _now(self) -> float:
         return self._loop.time() if self._loop is not None else anyio.current_time()
@@ -261,6 +259,26 @@ class QueuePair:
     async def aclose(self) -> None:
         self._fail_all(self._lost or ConnectionLost(f"queue {self.qid} closed"))
         await self.channel.aclose()
+
+
+def _asyncio_loop() -> asyncio.AbstractEventLoop | None:
+    """The running asyncio loop when the caller runs on asyncio (anyio's asyncio backend), else
+    None. sniffio says which library runs the task where it is installed (anyio no longer needs
+    it); without it, a running asyncio loop in this thread is the answer."""
+    try:
+        import sniffio
+    except ImportError:
+        pass
+    else:
+        try:
+            if sniffio.current_async_library() != "asyncio":
+                return None
+        except sniffio.AsyncLibraryNotFoundError:
+            return None
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
 
 
 def raise_for_status(completion: Completion, what: str) -> Completion:
