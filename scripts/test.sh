@@ -12,9 +12,4 @@ echo "== import-linter (imports point downward)"
 echo "== mypy --strict"
 .venv/bin/mypy
 echo "== pytest"
-# NVMe/RDMA on soft-RoCE in the lab does not pass yet (see the NVMe/RDMA issue): opt in with
-# `scripts/test.sh -m rdma_lab`; every other test, the TCP kernel interop included, runs.
-if [ $# -eq 0 ]; then
-    set -- -m "not rdma_lab"
-fi
 .venv/bin/python -m pytest "$@"

@@ -9,7 +9,10 @@ Each client mode prints one JSON line (``RESULT {...}``).
 
 from __future__ import annotations
 
+import faulthandler
 import json
+import os
+import signal
 import sys
 import time
 
@@ -40,21 +43,28 @@ async def kv(addr: str, port: int, nqn: str) -> None:
     result: dict[str, float] = {}
     async with Controller.connect((addr, port), nqn, transport="rdma", kato_ms=0) as ctrl:
         client = KVClient(ctrl, framing=False)
-        for size in (4096, 1 << 20):
-            value = bytearray(b"\xa5" * size)
+        # Bit-exact first: distinct values, in-capsule (4 KiB) and keyed (RDMA READ/WRITE) sizes.
+        for size in (100, 4096, 65536, 1 << 20, 3 << 20):
+            value = os.urandom(size)
             out = bytearray(size)
-            count = max(8, (64 << 20) // size)
+            await client.put(b"exact%d" % size, value)
+            await client.get(b"exact%d" % size, out=out)
+            assert out == value, f"{size}-byte value came back different"
+        # Then throughput (TCG runs the guest slowly: a few seconds' worth of each).
+        for size, count in ((4096, 256), (1 << 20, 16)):
+            value = bytearray(os.urandom(size))
+            out = bytearray(size)
             start = time.perf_counter()
             for i in range(count):
-                await client.put(b"k%d" % (i % 64), value)
+                await client.put(b"k%d" % (i % 16), value)
             put_s = time.perf_counter() - start
             start = time.perf_counter()
             for i in range(count):
-                await client.get(b"k%d" % (i % 64), out=out)
+                await client.get(b"k%d" % (i % 16), out=out)
             get_s = time.perf_counter() - start
             assert out == value
-            result[f"put_{size}_MBps"] = count * size / put_s / 1e6
-            result[f"get_{size}_MBps"] = count * size / get_s / 1e6
+            result[f"put_{size}_MBps"] = round(count * size / put_s / 1e6, 2)
+            result[f"get_{size}_MBps"] = round(count * size / get_s / 1e6, 2)
     print("RESULT " + json.dumps(result), flush=True)
 
 
@@ -78,6 +88,7 @@ async def block(addr: str, port: int, nqn: str) -> None:
 
 
 def main() -> None:
+    faulthandler.register(signal.SIGUSR1)  # kill -USR1 <pid>: where every thread is
     mode, addr, port, nqn = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
     fn = {"serve": serve, "kv": kv, "block": block}[mode]
     anyio.run(fn, addr, port, nqn)

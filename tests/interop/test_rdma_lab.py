@@ -3,25 +3,20 @@ real pyverbs, against each other and against the kernel (nvme-rdma host, nvmet-r
 ib_write_bw as the yardstick.
 
 Everything RDMA runs inside the guest (rxe0 over its eth0, 10.0.2.15, talking to itself). The
-guest image has no rdma-core, so ``rdma_root`` stages Debian's packages for it (the same
-bookworm versions: python3-pyverbs, libibverbs1, librdmacm1, ibverbs-providers, perftest, libnl,
-libpython3.11) into ``.run/lab-rdma-root``, which the guest copies over its root from the 9p share
-(its disk is a throw-away snapshot). Our code runs on the guest's python3 (3.11) with the
-checkout's virtualenv packages on ``PYTHONPATH``.
+guest image carries rdma-core's user space (``tools/lab/build-image.sh``: libibverbs with the rxe
+provider, librdmacm, python3-pyverbs, perftest). Our code runs on the guest's python3 (3.11) with
+the checkout's virtualenv packages on ``PYTHONPATH``.
 """
 
 from __future__ import annotations
 
 import json
 import re
-import shutil
-import subprocess
-import tempfile
-from pathlib import Path
+from collections.abc import Iterator
 
 import pytest
 
-from tools.lab.guest import REPO, Guest
+from tools.lab.guest import Guest
 
 from .conftest import Lab
 
@@ -30,68 +25,47 @@ pytestmark = [pytest.mark.lab, pytest.mark.rdma_lab]
 GUEST_IP = "10.0.2.15"
 LAB_NQN = "nqn.2024-01.io.gpucache:rdma-lab"
 NVMET_NQN = "nqn.2024-01.io.gpucache:nvmet-rdma-lab"
-PACKAGES = [
-    "python3-pyverbs", "libibverbs1", "librdmacm1", "ibverbs-providers", "perftest",
-    "libnl-3-200", "libnl-route-3-200", "libpci3", "libibumad3", "libpython3.11",
-]  # fmt: skip
-STAGE = REPO / ".run" / "lab-rdma-root"
 ENV = "PYTHONPATH=/src:/src/.venv/lib/python3.11/site-packages"
 GUEST_SCRIPT = "python3 -m tests.interop.rdma_lab_guest"
 
 
 @pytest.fixture(scope="session")
-def rdma_root() -> Path:
-    if (STAGE / "usr" / "bin" / "ib_write_bw").exists():
-        return STAGE
-    if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
-        pytest.skip("needs apt-get and dpkg-deb to stage rdma-core for the guest")
-    with tempfile.TemporaryDirectory() as tmp:
-        proc = subprocess.run(
-            ["apt-get", "download", *PACKAGES], cwd=tmp, capture_output=True, text=True
-        )
-        if proc.returncode != 0:
-            pytest.skip(f"apt-get download of rdma-core packages failed: {proc.stderr[-500:]}")
-        for deb in Path(tmp).glob("*.deb"):
-            subprocess.run(["dpkg-deb", "-x", str(deb), str(STAGE)], check=True)
-    return STAGE
-
-
-@pytest.fixture(scope="session")
-def rxe(lab: Lab, rdma_root: Path) -> Guest:
+def rxe(lab: Lab) -> Guest:
     guest = lab.guest
     setup = (
-        "set -e; if ! command -v ib_write_bw >/dev/null; then"
-        " cp -a /src/.run/lab-rdma-root/usr/. /usr/;"
-        " cp -a /src/.run/lab-rdma-root/lib/. /usr/lib/;"
-        " cp -a /src/.run/lab-rdma-root/etc/. /etc/; ldconfig; fi;"
-        " modprobe rdma_rxe; rdma link show rxe0 >/dev/null 2>&1"
-        " || rdma link add rxe0 type rxe netdev eth0; rdma link show rxe0"
+        "set -e; command -v ib_write_bw >/dev/null"
+        " || { echo 'no rdma-core in the lab image: tools/lab/build-image.sh'; exit 1; };"
+        " modprobe rdma_rxe; rdma link show rxe0/1 >/dev/null 2>&1"
+        " || rdma link add rxe0 type rxe netdev eth0; rdma link show rxe0/1;"
+        f" {ENV} python3 -c 'import pyverbs.device'"
     )
-    result = guest.run(setup, timeout=60)
+    result = guest.run(setup, timeout=120)
     if result.returncode != 0:
         pytest.fail(f"soft-RoCE setup in the guest failed:\n{result.output}")
-    probe = guest.run(f"{ENV} python3 -c 'import pyverbs.device'", timeout=60)
-    if probe.returncode != 0:
-        pytest.fail(f"pyverbs does not import in the guest:\n{probe.output}")
     return guest
 
 
-def _start_target(guest: Guest, port: int) -> None:
-    guest.run(
+@pytest.fixture(scope="module")
+def our_target(rxe: Guest) -> Iterator[int]:
+    """Our target on real pyverbs in the guest (KV namespace 1, RAM block namespace 2), shared by
+    the tests that reach it (starting Python under TCG takes a while); yields its port."""
+    port = 4420
+    log = f"/tmp/serve{port}.log"
+    started = rxe.run(
         f"cd /src && {ENV} nohup {GUEST_SCRIPT} serve {GUEST_IP} {port} {LAB_NQN}"
-        f" > /tmp/serve{port}.log 2>&1 & echo $! > /tmp/serve{port}.pid;"
-        f" for i in $(seq 1 150); do grep -q READY /tmp/serve{port}.log && break; sleep 1; done;"
-        f" cat /tmp/serve{port}.log; grep -q READY /tmp/serve{port}.log",
+        f" > {log} 2>&1 & echo $! > /tmp/serve{port}.pid;"
+        f" for i in $(seq 1 600); do grep -q READY {log} && break; sleep 0.25; done;"
+        f" cat {log}; grep -q READY {log}",
         timeout=200,
-        check=True,
     )
+    if started.returncode != 0:
+        pytest.fail(f"our target did not start in the guest:\n{started.output}")
+    yield port
+    rxe.run(f"kill $(cat /tmp/serve{port}.pid) 2>/dev/null", timeout=30)
 
 
-def _stop_target(guest: Guest, port: int) -> str:
-    return guest.run(
-        f"kill $(cat /tmp/serve{port}.pid) 2>/dev/null; sleep 1; tail -40 /tmp/serve{port}.log",
-        timeout=30,
-    ).output
+def _target_log(guest: Guest, port: int) -> str:
+    return guest.run(f"tail -40 /tmp/serve{port}.log; dmesg | tail -20", timeout=30).output
 
 
 def _result(output: str) -> dict[str, object]:
@@ -102,37 +76,45 @@ def _result(output: str) -> dict[str, object]:
 
 
 def test_ib_write_bw_over_rxe(rxe: Guest) -> None:
-    out = rxe.run(
-        "(ib_write_bw -d rxe0 -s 1048576 -n 200 --report_gbits > /tmp/bw.log 2>&1 &); sleep 1;"
-        f" ib_write_bw -d rxe0 -s 1048576 -n 200 --report_gbits {GUEST_IP}",
-        timeout=300,
-        check=True,
-    ).output
-    match = re.search(r"^\s*1048576\s+\d+\s+([\d.]+)\s+([\d.]+)", out, re.M)
+    # perftest times by the cycle counter, calibrated against gettimeofday; under TCG that
+    # calibration sometimes fails ("Correlation coefficient r^2 < 0.9, Can't produce a report"):
+    # then it runs again.
+    for _ in range(3):
+        out = rxe.run(
+            "pkill -x ib_write_bw; (ib_write_bw -F -d rxe0 -s 1048576 -n 200 --report_gbits"
+            " > /tmp/bw.log 2>&1 &); sleep 1;"
+            f" ib_write_bw -F -d rxe0 -s 1048576 -n 200 --report_gbits {GUEST_IP}",
+            timeout=300,
+        ).output
+        match = re.search(r"^\s*1048576\s+\d+\s+([\d.]+)\s+([\d.]+)", out, re.M)
+        if match or "Can't produce a report" not in out:
+            break
     assert match, out
     print(f"ib_write_bw 1 MiB over rxe in the guest: {match.group(2)} Gb/s average")
 
 
-def test_kv_put_get_our_initiator_to_our_target(rxe: Guest) -> None:
-    _start_target(rxe, 4420)
-    try:
-        out = rxe.run(f"cd /src && {ENV} {GUEST_SCRIPT} kv {GUEST_IP} 4420 {LAB_NQN}", timeout=400)
-    finally:
-        log = _stop_target(rxe, 4420)
-    assert out.returncode == 0, out.output + log
+def test_kv_put_get_our_initiator_to_our_target(rxe: Guest, our_target: int) -> None:
+    out = rxe.run(
+        f"cd /src && {ENV} {GUEST_SCRIPT} kv {GUEST_IP} {our_target} {LAB_NQN}", timeout=300
+    )
+    assert out.returncode == 0, out.output + _target_log(rxe, our_target)
     figures = _result(out.output)
     print(f"our put/get over rxe (MB/s): {figures}")
 
 
-def test_kernel_nvme_rdma_host_to_our_target(rxe: Guest) -> None:
-    _start_target(rxe, 4421)
+def test_kernel_nvme_rdma_host_to_our_target(rxe: Guest, our_target: int) -> None:
     try:
         out = rxe.run(
             "set -e; modprobe nvme-rdma;"
-            f" nvme connect -t rdma -a {GUEST_IP} -s 4421 -n {LAB_NQN};"
-            " sleep 2; for c in /sys/class/nvme/nvme*; do"
-            f" grep -q {LAB_NQN} $c/subsysnqn && ctrl=$(basename $c); done;"
-            " dev=/dev/${ctrl}n2; [ -b $dev ] || dev=$(ls /dev/${ctrl}*n2 | head -1);"
+            f" nvme connect -t rdma -a {GUEST_IP} -s {our_target} -n {LAB_NQN};"
+            # Namespace 2's block device, found by NSID and subsystem: its name's number is the
+            # kernel's instance, not the NSID (namespace 1, KV, gets none); it may appear a while
+            # after the connect returns (the scan is asynchronous, and slow under TCG).
+            " dev=; for i in $(seq 1 120); do for b in /sys/block/nvme*; do"
+            ' [ -b "/dev/${b##*/}" ] && [ "$(cat $b/nsid 2>/dev/null)" = 2 ]'
+            f' && grep -qs {LAB_NQN} $b/device/subsysnqn && dev="/dev/${{b##*/}}"; done;'
+            ' [ -n "$dev" ] && break; sleep 0.5; done;'
+            ' echo "namespace 2 at $dev"; [ -n "$dev" ];'
             " dd if=/dev/urandom of=/tmp/pattern bs=4096 count=64 2>/dev/null;"
             " dd if=/tmp/pattern of=$dev bs=4096 count=64 oflag=direct 2>/dev/null;"
             " dd if=$dev of=/tmp/back bs=4096 count=64 iflag=direct 2>/dev/null;"
@@ -141,8 +123,8 @@ def test_kernel_nvme_rdma_host_to_our_target(rxe: Guest) -> None:
             timeout=300,
         )
     finally:
-        log = _stop_target(rxe, 4421)
-    assert out.returncode == 0, out.output + log
+        rxe.run(f"nvme disconnect -n {LAB_NQN}", timeout=60)
+    assert out.returncode == 0, out.output + _target_log(rxe, our_target)
     assert "SAME" in out.output
 
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds the interop lab's guest from Debian packages only, into a cache outside the checkout:
-#   rootfs.ext4   debootstrap'ed bookworm (minbase + nvme-cli, fio, kmod, iproute2) with the kernel's
+#   rootfs.ext4   debootstrap'ed bookworm (minbase + nvme-cli, fio, kmod, iproute2, rdma-core's
+#                 libraries, python3-pyverbs, perftest) with the kernel's
 #                 modules unpacked into it
 #   vmlinuz       the newest linux-image-6.12.*+deb12-amd64 (bookworm / bookworm-security)
 #   initrd.img    busybox-static + the few modules needed to mount the root (virtio-blk, ext4, 9p);
@@ -11,10 +12,12 @@
 #   tools/lab/build-image.sh [--force]      GPUCACHE_LAB_CACHE overrides /var/cache/gpucache-lab
 set -euo pipefail
 
-RECIPE=3  # bump when the image contents change
+RECIPE=4  # bump when the image contents change
 CACHE=${GPUCACHE_LAB_CACHE:-/var/cache/gpucache-lab}
 MIRROR=${GPUCACHE_LAB_MIRROR:-http://deb.debian.org/debian}
 PACKAGES=nvme-cli,fio,kmod,iproute2,procps,util-linux,coreutils
+# rdma-core's user space for soft-RoCE (rdma_rxe) tests: verbs, RDMA-CM, their Python bindings, perftest
+PACKAGES=$PACKAGES,libibverbs1,ibverbs-providers,librdmacm1,python3-pyverbs,perftest,rdmacm-utils,ibverbs-utils
 FORCE=0
 [ "${1:-}" = "--force" ] && FORCE=1
 
