@@ -39,6 +39,7 @@ from kvext.keys import wire_key
 from kvext.namespace import KeyValueNamespace
 from kvext.spec import (
     KV_CSI,
+    MAX_KEY_LENGTH,
     KvCommandFields,
     KvOpcode,
     KvStatus,
@@ -67,6 +68,7 @@ log = logging.getLogger("kvext.sharding")
 SHARD_MAP_OFFSET = 3072  # the vendor-specific bytes of the KV Identify Namespace page
 SHARD_MAP_MAGIC = b"GPUCshrd"
 HASH_CRC32 = 1  # zlib.crc32(wire key) % workers
+_KEY_DWORDS = struct.Struct("<4I")  # key bytes 0-15 in CDW2, CDW3, CDW14, CDW15 (kvext.spec)
 MAX_WORKERS = 256
 _HEAD = struct.Struct("<8sHHHH")  # magic, version, workers, index, hash
 _PORT = struct.Struct("<H")
@@ -220,10 +222,12 @@ class ShardedNamespace(KeyValueNamespace):
         cmd = request.command
         opcode = cmd.opcode
         if opcode in _FORWARDED:
-            fields = KvCommandFields.from_command(cmd)
-            if 0 < fields.key_length <= len(fields.key):
-                peer = owner(fields.key, self.shard_map.workers)
-                if peer != self.shard_map.index:
+            # The owner straight from the SQE's key dwords (every command pays this check, so
+            # no KvCommandFields here: 0.2 us instead of 1.2 us of a ~25 us command).
+            key_length = cmd.cdw11 & 0xFF
+            if 0 < key_length <= MAX_KEY_LENGTH:
+                key = _KEY_DWORDS.pack(cmd.cdw2, cmd.cdw3, cmd.cdw14, cmd.cdw15)[:key_length]
+                if owner(key, self.shard_map.workers) != self.shard_map.index:
                     return None
         elif opcode in (KvOpcode.LIST, KvOpcode.FLUSH):
             return None
