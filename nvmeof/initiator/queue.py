@@ -12,14 +12,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import anyio
 
 from nvmeof.errors import CommandTimeout, ConnectionLost, NvmeError
 from nvmeof.spec.command import Command
 from nvmeof.spec.completion import Completion
-from nvmeof.transport.base import Buffer, HostChannel
+from nvmeof.transport.base import Buffer, HostChannel, SendDelegating
 
 log = logging.getLogger("nvmeof.initiator.queue")
 
@@ -29,7 +29,7 @@ class _Waiter:
     tenth of what an ``anyio.Event`` costs to make, set and await), an ``anyio.Event`` elsewhere;
     a fresh one after each wake-up that was not its completion (a hand-over or a timeout)."""
 
-    __slots__ = ("abandoned", "completion", "deadline", "error", "expired", "signal")
+    __slots__ = ("abandoned", "completion", "deadline", "error", "expired", "send", "signal")
 
     def __init__(self, signal: _Signal, deadline: float) -> None:
         self.signal = signal
@@ -38,6 +38,7 @@ class _Waiter:
         self.error: BaseException | None = None
         self.expired = False
         self.abandoned = False
+        self.send = False  # woken to push the queue's queued data (see TcpHostChannel)
 
     @property
     def pending(self) -> bool:
@@ -70,8 +71,14 @@ class QueuePair:
         self._lost: ConnectionLost | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._bound = False
+        self._reader: _Waiter | None = None
         self.peak_in_flight = 0
         self.log = logging.LoggerAdapter(log, {})
+        # A TCP channel has a reader hand the pushing of R2T-queued data to another waiter.
+        self._push: Callable[[], Awaitable[None]] | None = None
+        if isinstance(channel, SendDelegating):
+            channel.delegate_send = self._delegate_send
+            self._push = channel.flush
 
     @property
     def in_flight(self) -> int:
@@ -174,6 +181,10 @@ class QueuePair:
                 if not self._reading:
                     # Cancelled right after being handed the reading: pass it on.
                     self._hand_off()
+                if waiter.send:
+                    # Cancelled before pushing the queued data it was asked to push.
+                    waiter.send = False
+                    self._redelegate()
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
                 "[%d/%d] cid %d opcode 0x%02x nsid %d -> %s dw0 0x%x",
@@ -191,6 +202,10 @@ class QueuePair:
 
     async def _wait(self, waiter: _Waiter) -> Completion:
         while True:
+            while waiter.send:  # before anything else: the reader counts on it
+                waiter.send = False  # (and may ask again while we push)
+                if self._push is not None:
+                    await self._push()
             if waiter.completion is not None:
                 return waiter.completion
             if waiter.error is not None:
@@ -200,9 +215,10 @@ class QueuePair:
             if self._reading:
                 await self._sleep(waiter)
                 if waiter.pending:
-                    waiter.signal = self._signal()  # woken to take over reading
+                    waiter.signal = self._signal()  # woken to read, or to push data
                 continue
             self._reading = True
+            self._reader = waiter
             try:
                 await self._read_until(waiter)
             except ConnectionLost as exc:
@@ -210,6 +226,7 @@ class QueuePair:
                 raise
             finally:
                 self._reading = False
+                self._reader = None
                 self._stint = None
                 self._hand_off()
 
@@ -229,6 +246,25 @@ class QueuePair:
                 if other.pending and other.deadline <= now:
                     other.expired = True
                     self._wake(other)
+
+    def _delegate_send(self) -> bool:
+        """Wake a waiter other than the reader to push the channel's queued data."""
+        if self._push is None:
+            return False
+        for waiter in self._waiters.values():
+            if waiter.pending and not waiter.abandoned and waiter is not self._reader:
+                waiter.send = True
+                self._wake(waiter)
+                return True
+        return False
+
+    def _redelegate(self) -> None:
+        if self._delegate_send():
+            return
+        if isinstance(self.channel, SendDelegating):
+            self.channel.undelegate()
+        if self._stint is not None:
+            self._stint.cancel()  # the reader may wait on data that waits on ours: wake it
 
     def _deliver(self, completion: Completion) -> None:
         waiter = self._waiters.get(completion.cid)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import attrs
 
@@ -97,3 +97,17 @@ class HostChannel(Protocol):
         """Drop the buffers of a command given up on (timeout)."""
 
     async def aclose(self) -> None: ...
+
+
+@runtime_checkable
+class SendDelegating(Protocol):
+    """A host channel whose reader can hand the pushing of queued data (NVMe/TCP H2CData that
+    R2Ts asked for) to another task, so that reading completions never waits on a long send."""
+
+    delegate_send: Callable[[], bool] | None
+
+    async def flush(self) -> None:
+        """Push what is queued; the task that ``delegate_send`` woke calls this."""
+
+    def undelegate(self) -> None:
+        """The woken task will not push after all: the reader sees to it."""

@@ -36,6 +36,9 @@ log = logging.getLogger("nvmeof.transport.tcp")
 
 ADMIN_IN_CAPSULE_DATA = 8192  # admin queue and fabrics commands, as Linux and SPDK
 DEFAULT_PORT = 4420
+# Bytes a connection parses per receive: 32 commands of 4 KiB in flight are ~135 KiB of PDUs, and
+# the batch one recv brings is the batch one sendmsg answers.
+RECEIVE_BUFFER = 256 * 1024
 _CID = struct.Struct("<H")
 _IN_CAPSULE = int(SglIdentifier.DATA_BLOCK_OFFSET)
 _TRANSPORT = int(SglIdentifier.TRANSPORT_DATA_BLOCK)
@@ -83,6 +86,12 @@ class TcpHostChannel:
         self._lost: ConnectionLost | None = None
         self.peer = sock.peer
         self.max_in_capsule_data = ADMIN_IN_CAPSULE_DATA
+        # Set by the queue: asked to have another task push what R2Ts queued (H2CData can be
+        # megabytes; a reader pushing them itself reads no completion meanwhile, and the
+        # pipeline drains). True if it found one (that task calls ``flush``); else the reader
+        # sends them itself.
+        self.delegate_send: Callable[[], bool] | None = None
+        self._send_delegated = False
 
     @classmethod
     async def connect(
@@ -95,7 +104,10 @@ class TcpHostChannel:
         connector: HostConnector = open_tcp,
     ) -> TcpHostChannel:
         sock = await connector(host, port)
-        channel = cls(sock, HostConnection(header_digest=header_digest, data_digest=data_digest))
+        conn = HostConnection(
+            header_digest=header_digest, data_digest=data_digest, receive_buffer_size=RECEIVE_BUFFER
+        )
+        channel = cls(sock, conn)
         try:
             channel._conn.initiate()
             await channel._sender.flush()
@@ -134,12 +146,31 @@ class TcpHostChannel:
             self._conn.send_command(sqe, read_into=into)
         await self._flush()
 
+    async def flush(self) -> None:
+        """Push whatever is queued (the task ``delegate_send`` woke does this)."""
+        self._send_delegated = False
+        await self._flush()
+
+    def undelegate(self) -> None:
+        """The task asked to push the queued data will not: the reader sees to it."""
+        self._send_delegated = False
+
     async def _flush(self) -> None:
         try:
             await self._sender.flush()
         except ConnectionLost as exc:
             self._lost = exc
             raise
+
+    async def _push_queued(self) -> None:
+        """Data queued by R2Ts: another task pushes it if the queue finds one, else we do."""
+        if not self._conn.has_data_to_send or self._send_delegated:
+            return
+        delegate = self.delegate_send
+        if delegate is not None and delegate():
+            self._send_delegated = True
+            return
+        await self._flush()
 
     async def next_completion(self) -> Completion:
         while True:
@@ -171,6 +202,8 @@ class TcpHostChannel:
                 if isinstance(event, ConnectionClosed):
                     await self._fail("peer closed the connection")
                 return event
+            # R2Ts are answered inside the connection; push the H2CData they queued.
+            await self._push_queued()
             try:
                 n = await self._sock.recv_into(self._conn.wants())
                 self._conn.received(n)
@@ -180,8 +213,6 @@ class TcpHostChannel:
                 await self._fail(f"protocol error: {exc}")
             except ConnectionLost as exc:
                 await self._fail(str(exc))
-            # R2Ts are answered inside the connection; push the H2CData they queued.
-            await self._flush()
 
     async def _send_quietly(self) -> None:
         with anyio.move_on_after(1):
@@ -232,7 +263,10 @@ class TcpControllerChannel:
         self._header_timeout = header_timeout
         if negotiated is not None:
             self._conn = ControllerConnection.resumed(
-                negotiated, max_in_capsule_data=ADMIN_IN_CAPSULE_DATA, max_c2h_data=maxh2cdata
+                negotiated,
+                max_in_capsule_data=ADMIN_IN_CAPSULE_DATA,
+                max_c2h_data=maxh2cdata,
+                receive_buffer_size=RECEIVE_BUFFER,
             )
         else:
             self._conn = ControllerConnection(
@@ -240,6 +274,7 @@ class TcpControllerChannel:
                 max_in_capsule_data=ADMIN_IN_CAPSULE_DATA,
                 max_c2h_data=maxh2cdata,
                 allow_digests=allow_digests,
+                receive_buffer_size=RECEIVE_BUFFER,
             )
         conn = self._conn
         self._sender = _Sender(sock, conn.data_to_send, lambda: conn.has_data_to_send)

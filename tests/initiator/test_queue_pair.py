@@ -283,3 +283,83 @@ async def test_a_cancelled_waiter_passes_the_reading_on(channel: ScriptedChannel
         with anyio.fail_after(5):
             await second_done.wait()
     assert queue.in_flight == 0  # the late completion was read and freed its CID
+
+
+class DelegatingChannel(ScriptedChannel):
+    """A channel whose reader hands pushing queued data to another waiter (as NVMe/TCP does
+    for H2CData): ``delegate_send`` is what the reader calls; ``flush`` records who pushed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.delegate_send: Callable[[], bool] | None = None
+        self.pushes = 0
+        self.undelegated = 0
+        self.hold = anyio.Event()
+        self.hold.set()
+
+    async def flush(self) -> None:
+        self.pushes += 1
+        await self.hold.wait()
+
+    def undelegate(self) -> None:
+        self.undelegated += 1
+
+
+async def test_the_reader_hands_pushing_to_another_waiter() -> None:
+    channel = DelegatingChannel()
+    queue = QueuePair(channel, qid=1, depth=4)
+    assert channel.delegate_send is not None
+    async with anyio.create_task_group() as tg:
+        for i in range(3):
+            tg.start_soon(queue.execute, Command(opcode=0x01, nsid=i))
+        await _settled(lambda: len(channel.submitted) == 3)
+        assert channel.delegate_send()  # the reader found data R2Ts queued
+        await _settled(lambda: channel.pushes == 1)
+        for cid, _ in channel.submitted:
+            channel.complete(cid)
+    assert queue.in_flight == 0
+    channel.close_streams()
+
+
+async def test_asked_again_while_pushing_it_pushes_again_before_returning() -> None:
+    channel = DelegatingChannel()
+    queue = QueuePair(channel, qid=1, depth=4)
+    assert channel.delegate_send is not None
+    async with anyio.create_task_group() as tg:
+        for i in range(2):
+            tg.start_soon(queue.execute, Command(opcode=0x01, nsid=i))
+        await _settled(lambda: len(channel.submitted) == 2)
+        channel.hold = anyio.Event()  # the push blocks, as a send into a full socket does
+        assert channel.delegate_send()
+        await _settled(lambda: channel.pushes == 1)
+        assert channel.delegate_send()  # more data queued meanwhile: the same waiter is asked
+        for cid, _ in channel.submitted:
+            channel.complete(cid)  # its completion arrives while it still pushes
+        await anyio.wait_all_tasks_blocked()
+        channel.hold.set()
+    assert channel.pushes == 2  # it pushed the second time too, before it returned
+    channel.close_streams()
+
+
+async def test_a_push_asked_of_a_cancelled_waiter_is_not_lost() -> None:
+    channel = DelegatingChannel()
+    queue = QueuePair(channel, qid=1, depth=4)
+    assert channel.delegate_send is not None
+    follower_scope = anyio.CancelScope()
+
+    async def follower() -> None:
+        with follower_scope:
+            await queue.execute(Command(opcode=0x01, nsid=1))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(queue.execute, Command(opcode=0x01, nsid=0))  # becomes the reader
+        await _settled(lambda: len(channel.submitted) == 1)
+        tg.start_soon(follower)
+        await _settled(lambda: len(channel.submitted) == 2)
+        assert channel.delegate_send()  # the follower is asked to push ...
+        follower_scope.cancel()  # ... and is cancelled: it pushes first, or gives it back
+        await _settled(lambda: channel.pushes + channel.undelegated == 1)
+        for cid, _ in channel.submitted:
+            channel.complete(cid)
+    # (the cancelled command keeps its CID until a reader reads its late completion)
+    channel.close_streams()
