@@ -99,6 +99,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--no-raw", action="store_true", help="skip the raw-TCP bound")
     parser.add_argument(
+        "--no-pin",
+        action="store_true",
+        help="do not pin: by default (2+ CPUs) the servers (our target, redis-server, the raw"
+        " bound's child) run on the last CPU and this process (every client) on the others, as"
+        " a storage node and its clients would; unpinned, loopback wake-ups make them share one",
+    )
+    parser.add_argument(
         "--compare",
         action="store_true",
         help="also run every cell against a redis-server it starts, through redis-py (asyncio)",
@@ -640,37 +647,51 @@ def main(args: argparse.Namespace) -> int:
         log.error("%s", exc)
         return 2
     wall = time.perf_counter()
+    own = os.sched_getaffinity(0)
+    server_cpus: set[int] | None = None
+    if not args.no_pin and len(own) >= 2:
+        server_cpus = {max(own)}
+        os.sched_setaffinity(0, own - server_cpus)
     try:
         with contextlib.ExitStack() as stack:
+            stack.callback(os.sched_setaffinity, 0, own)
             if args.address:
                 address = parse_address(args.address)
                 where = f"target at {address[0]}:{address[1]}"
             else:
                 max_value = max(parse_size(args.max_value_size), max(settings.sizes) + (1 << 20))
+                pin = [] if server_cpus is None else ["--cpumask", f"[{max(server_cpus)}]"]
                 target = stack.enter_context(
                     spawn_target(
                         "--capacity",
                         args.capacity,
                         "--max-value-size",
                         str(max_value),
+                        *pin,
                         nqn=args.nqn,
                     )
                 )
                 address = target.address
                 where = f"spawned target (capacity {args.capacity}) on {address[0]}:{address[1]}"
-            raw = None if args.no_raw else stack.enter_context(spawn_raw_server())
+            raw = None if args.no_raw else stack.enter_context(spawn_raw_server(cpus=server_cpus))
             redis_address = None
             if settings.compare:
                 from bench.redis_peer import spawn_redis
 
-                redis_address = stack.enter_context(spawn_redis())
+                redis_address = stack.enter_context(spawn_redis(cpus=server_cpus))
             flash = None
             if settings.flash:
                 flash = stack.enter_context(spawn_flash_peer(settings, args.flash_dir, args.nqn))
             print(
                 f"gpucache bench: {where}, {args.nqn}; {settings.queues} I/O queues, digests "
                 f"{'on' if settings.digests else 'off'}, backend {args.backend}; "
-                f"{settings.seconds:g} s per cell, raw TCP {settings.raw_seconds:g} s per cell",
+                f"{settings.seconds:g} s per cell, raw TCP {settings.raw_seconds:g} s per cell; "
+                + (
+                    "not pinned"
+                    if server_cpus is None
+                    else f"servers on CPU {max(server_cpus)}, clients on CPUs"
+                    f" {sorted(own - server_cpus)}"
+                ),
                 flush=True,
             )
             if flash is not None:

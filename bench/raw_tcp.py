@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import os
 import socket
 import struct
 import subprocess
@@ -176,12 +177,14 @@ class RawServer:
 
 
 @contextmanager
-def spawn_raw_server(host: str = "127.0.0.1") -> Iterator[RawServer]:
-    """Run the raw-TCP server in a child process on a free loopback port."""
+def spawn_raw_server(host: str = "127.0.0.1", cpus: set[int] | None = None) -> Iterator[RawServer]:
+    """Run the raw-TCP server in a child process on a free loopback port (on ``cpus``)."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "bench.raw_tcp", "--host", host], stdout=subprocess.PIPE
     )
     try:
+        if cpus:
+            os.sched_setaffinity(proc.pid, cpus)
         assert proc.stdout is not None
         line = proc.stdout.readline().decode().split()
         if len(line) != 2 or line[0] != "PORT":

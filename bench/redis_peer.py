@@ -7,6 +7,7 @@ Debian's redis-server (persistence off) and runs every cell against it too, in t
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import socket
 import subprocess
@@ -24,8 +25,9 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def spawn_redis(max_memory: str = "8gb") -> Iterator[tuple[str, int]]:
-    """A throwaway redis-server on loopback: no persistence, no eviction surprises."""
+def spawn_redis(max_memory: str = "8gb", cpus: set[int] | None = None) -> Iterator[tuple[str, int]]:
+    """A throwaway redis-server on loopback: no persistence, no eviction surprises; on ``cpus``
+    when given (the bench puts it where it puts our target)."""
     exe = shutil.which("redis-server")
     if exe is None:
         raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
@@ -41,6 +43,8 @@ def spawn_redis(max_memory: str = "8gb") -> Iterator[tuple[str, int]]:
             stderr=subprocess.DEVNULL,
         )  # fmt: skip
         try:
+            if cpus:
+                os.sched_setaffinity(proc.pid, cpus)
             deadline = time.monotonic() + 10
             while True:
                 try:

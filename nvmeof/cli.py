@@ -297,6 +297,16 @@ def cmd_discover(args: argparse.Namespace) -> int:
 def cmd_target(args: argparse.Namespace) -> int:
     from kvext.engine.flash import FlashOpenError
 
+    if args.cpumask:
+        from nvmeof.cpumask import parse_cpumask, pin_to
+
+        try:
+            cpus = parse_cpumask(args.cpumask)
+            pin_to(cpus)  # worker processes inherit it
+        except (ValueError, OSError) as exc:
+            log.error("cannot start the target: --cpumask %s: %s", args.cpumask, exc)
+            return 1
+        log.info("pinned to CPUs %s", sorted(cpus))
     if args.workers > 1:
         from kvext.sharded_target import run_sharded_target
 
@@ -504,6 +514,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="allow formatting a --flash device that holds something else (destroys it)",
     )
     target.add_argument("--dram", default="1GiB", help="DRAM tier in front of --flash (0: none)")
+    target.add_argument(
+        "-m",
+        "--cpumask",
+        help="CPUs the target runs on, as nvmf_tgt -m: a hex mask (0x2) or a list ([1,3-4])",
+    )
     target.add_argument(
         "--workers",
         type=int,
