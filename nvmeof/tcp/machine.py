@@ -159,6 +159,7 @@ class PduConnection:
         self._phase = _Phase.CH
         self._wants_len = 0
         self._direct = False
+        self._streaming = False  # the last payload went straight to its destination
         # the PDU being received
         self._ch = CommonHeader(0, 0, 0, 0, 0)
         self._ptype = PduType.IC_REQ
@@ -218,6 +219,11 @@ class PduConnection:
                 self._rbuf[:n] = self._rview[self._rstart : self._rend]
                 self._rstart, self._rend = 0, n
             view = self._rview[self._rend :]
+            if self._streaming:
+                # Right after a payload received in place: the next PDU is likely another large
+                # one, and whatever of its payload lands here must be copied out again. Take
+                # little (its header and a bit), then let the payload go straight to its place.
+                view = view[: self._direct_min]
             self._direct = False
         self._wants_len = len(view)
         return view
@@ -235,6 +241,7 @@ class PduConnection:
         self._wants_len = 0
         if self._direct:
             self._direct = False
+            self._streaming = True
             self._advance(n)
         else:
             self._rend += n
@@ -308,6 +315,8 @@ class PduConnection:
         and lands in ``segs``."""
         self._hd = self._dd = False
         self._datal = datal
+        if datal < self._direct_min:
+            self._streaming = False
         self._rstart = payload_start
         self._phase = _Phase.PAYLOAD
         self._expect_payload(segs)
@@ -330,6 +339,8 @@ class PduConnection:
                     and self._rbuf.startswith(self._fast_prefix, self._rstart)
                     and self._on_fast_pdu(avail)
                 ):
+                    if self._phase is _Phase.CH:
+                        self._streaming = False  # a whole small PDU: read in bulk again
                     continue
                 self._check_common_header()
                 self._phase = _Phase.HEADER
@@ -457,6 +468,8 @@ class PduConnection:
         self._rstart += self._hdr_size
         self._state = next_state
         self._phase = _Phase.PAYLOAD if self._datal else _Phase.CH
+        if self._datal < self._direct_min:
+            self._streaming = False  # small PDUs again: read in bulk
 
     def _queue_pdu(
         self, header: bytearray, payload: Sequence[memoryview], data_digest: bool

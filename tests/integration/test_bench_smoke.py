@@ -74,7 +74,8 @@ def test_bench_prints_a_row_per_cell_with_a_ratio_to_raw_tcp(
         assert p50 > 0
         assert p50 <= p99
         assert row[10].endswith("x")
-        if raw_gbps > 0:  # else rounded away in print; the JSON checks the ratio below
+        if raw_gbps >= 0.1 and gbps >= 0.1:  # else 3 printed decimals are too few to divide;
+            # the JSON checks the ratio at full precision below
             assert float(row[10][:-1]) == pytest.approx(gbps / raw_gbps, rel=0.05, abs=0.01)
         # iperf3 (the test command installs it): one stream over loopback, next to each size
         assert float(row[11]) > 0
