@@ -78,9 +78,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--queues",
         type=int,
-        default=1,
-        help="I/O queues (connections; default 1: a target process serves its queues from one"
-        " thread, so more queues only split the batches that one sendmsg/recv carries)",
+        default=4,
+        help="I/O queues (connections; default 4). Small commands share the first queue with a"
+        " free slot (batches per sendmsg/recv), large transfers (64 KiB+) go round robin",
     )
     parser.add_argument(
         "--digests", action="store_true", help="header and data digests (CRC32C) on"

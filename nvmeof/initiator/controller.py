@@ -62,6 +62,8 @@ from nvmeof.transport.tcp import DEFAULT_PORT, TcpHostChannel
 from nvmeof.transport.verbs import RdmaConnector
 
 log = logging.getLogger("nvmeof.initiator")
+#: Bytes from which a command's data counts as a large transfer (``Controller.queue``).
+LARGE_TRANSFER = 64 * 1024
 
 ADMIN_QUEUE_DEPTH = 32
 DEFAULT_KATO_MS = 30_000
@@ -365,11 +367,22 @@ class Controller:
                 log.warning("[%d] keep alive failed, stopping: %s", self.cntlid, exc)
                 return
 
-    def queue(self) -> QueuePair:
-        """The next I/O queue, round robin."""
-        if not self.io_queues:
+    def queue(self, nbytes: int = 0) -> QueuePair:
+        """The I/O queue for a command that moves ``nbytes``.
+
+        Small commands go to the first queue with a free slot: one ``sendmsg`` and one ``recv``
+        then carry many of them, where spreading them would split every batch (on a
+        GPUCache target, whose process serves all its queues from one thread, that is all it
+        does). Large transfers take the queues round robin, so their streams move side by side.
+        """
+        queues = self.io_queues
+        if not queues:
             raise ConnectionLost("controller has no I/O queues")
-        return self.io_queues[next(self._next_queue)]
+        if nbytes < LARGE_TRANSFER:
+            for queue in queues:
+                if queue.in_flight < queue.depth:
+                    return queue
+        return queues[next(self._next_queue)]
 
     async def execute_io(
         self,
@@ -381,9 +394,9 @@ class Controller:
         check: bool = True,
         queue: QueuePair | None = None,
     ) -> Completion:
-        return await (queue or self.queue()).execute(
-            command, out=out, into=into, timeout=timeout, check=check
-        )
+        if queue is None:
+            queue = self.queue(sum(map(len, out)) + sum(map(len, into)))
+        return await queue.execute(command, out=out, into=into, timeout=timeout, check=check)
 
     # --- teardown ---------------------------------------------------------------------------
     async def shutdown(self) -> None:
