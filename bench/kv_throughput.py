@@ -78,9 +78,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--queues",
         type=int,
-        default=4,
-        help="I/O queues (connections; default 4). Small commands share the first queue with a"
-        " free slot (batches per sendmsg/recv), large transfers (64 KiB+) go round robin",
+        default=1,
+        help="I/O queues (connections; default 1: a target process serves its queues from one"
+        " thread; with more, small commands share the first queue with a free slot and large"
+        " transfers go round robin)",
     )
     parser.add_argument(
         "--digests", action="store_true", help="header and data digests (CRC32C) on"

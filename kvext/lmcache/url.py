@@ -4,8 +4,9 @@
 
 - ``HOST:PORT``: the target's NVMe/TCP listener (port 4420 by default; ``[v6]:port`` for IPv6).
 - ``SUBNQN``: the subsystem NQN (``nqn.2024-01.io.gpucache:kv0`` if the path is empty).
-- ``queues``: I/O queues (default 4): small commands share the first queue with a free slot,
-  so one send carries many; large transfers (64 KiB and up) spread round robin.
+- ``queues``: I/O queues (default 1: a GPUCache target process serves its queues from one
+  thread; with more, small commands share the first queue with a free slot, so one send carries
+  many, and large transfers of 64 KiB and up spread round robin).
 - ``depth``: commands in flight per queue (default 32).
 - ``timeout``: seconds for connect and per command (default 10).
 - ``nsid``: the KV namespace (default: the subsystem's first KV namespace).
@@ -40,7 +41,7 @@ class TargetURL:
     host: str
     port: int = DEFAULT_PORT
     subnqn: str = DEFAULT_NQN
-    queues: int = 4
+    queues: int = 1
     depth: int = 32
     timeout: float = 10.0
     nsid: int | None = None
@@ -66,7 +67,7 @@ class TargetURL:
                     ints[name] = int(params[name])
                 except ValueError:
                     raise ValueError(f"{url!r}: {name} must be an integer") from None
-        queues, depth = ints.get("queues", 4), ints.get("depth", 32)
+        queues, depth = ints.get("queues", 1), ints.get("depth", 32)
         prefetch = ints.get("prefetch", 0)
         if queues < 1 or depth < 1 or prefetch < 0:
             raise ValueError(f"{url!r}: queues and depth must be >= 1, prefetch >= 0")

@@ -26,7 +26,7 @@ def test_url_parses_every_parameter() -> None:
     assert TargetURL.parse(str(url)) == url
     plain = TargetURL.parse("nvmeof://[::1]")
     assert (plain.host, plain.port, plain.subnqn, plain.queues) == (
-        "::1", 4420, "nqn.2024-01.io.gpucache:kv0", 4
+        "::1", 4420, "nqn.2024-01.io.gpucache:kv0", 1
     )  # fmt: skip
 
 
