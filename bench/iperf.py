@@ -10,16 +10,10 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import time
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:  # iperf3 binds it again at once
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+from bench.redis_peer import free_port
 
 
 def loopback_gb_per_s(seconds: float = 1.0) -> float | None:
@@ -27,7 +21,7 @@ def loopback_gb_per_s(seconds: float = 1.0) -> float | None:
     iperf3 = shutil.which("iperf3")
     if iperf3 is None:
         return None
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(
         [iperf3, "-s", "-1", "-p", str(port), "-B", "127.0.0.1"],
         stdout=subprocess.DEVNULL,

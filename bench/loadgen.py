@@ -42,11 +42,12 @@ import time
 import uuid
 import zlib
 from collections.abc import Sequence
-from contextlib import ExitStack, suppress
+from contextlib import ExitStack
 from typing import Any
 
 import attrs
 
+from bench.raw_tcp import tune
 from kvext.sharding import ShardMap, owner
 from kvext.spec import KV_CSI, KvStatus, retrieve_command, store_command
 from nvmeof.spec.command import Command
@@ -99,7 +100,6 @@ _SUCCESS = int(PduFlags.SUCCESS)
 _STATUS_MASK = 0x0FFE  # SC and SCT; bit 0 is the phase tag, the top bits are hints
 _IOV_MAX = 512
 _RECV_BUFFER = 1 << 20
-_SOCKET_BUFFER = 4 << 20
 _DISCARD_MIN = 16384  # Retrieve data left to come from which it is discarded in the kernel
 _HEADER_READ = 1024  # bytes read at a PDU boundary of a large get (the rest is dropped)
 _SLOT_STRIDE = 8  # slot i's value starts 8*i bytes into the shared random buffer
@@ -116,13 +116,6 @@ def describe_status(field: int) -> str:
     if status.sct == 0 and status.sc in KvStatus._value2member_map_:
         return f"{KvStatus(status.sc).name} ({status})"
     return str(status)
-
-
-def _tune(sock: socket.socket) -> None:
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
-        with suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, opt, _SOCKET_BUFFER)
 
 
 def _recv_exact(sock: socket.socket, size: int) -> bytearray:
@@ -150,7 +143,7 @@ class Link:
     def open(cls, host: str, port: int, *, timeout: float = 30.0) -> Link:
         sock = socket.create_connection((host, port), timeout=timeout)
         try:
-            _tune(sock)
+            tune(sock)
             sock.sendall(ICReq().to_bytes())
             raw = _recv_exact(sock, IC_PDU_SIZE)
             if raw[0] != PduType.IC_RESP:

@@ -29,7 +29,8 @@ _HELLO = struct.Struct("!cQ")  # mode (b"P" put / b"G" get), value size
 _SOCKET_BUFFER = 4 * 1024 * 1024
 
 
-def _tune(sock: socket.socket) -> None:
+def tune(sock: socket.socket) -> None:
+    """As the NVMe/TCP transport tunes its sockets (nvmeof.transport.sockets), blocking."""
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
         with suppress(OSError):
@@ -74,7 +75,7 @@ def serve(host: str = "127.0.0.1", port: int = 0) -> None:
         while True:
             conn, _ = listener.accept()
             with conn:
-                _tune(conn)
+                tune(conn)
                 hello = memoryview(bytearray(_HELLO.size))
                 if not _recv_exact(conn, hello):
                     continue
@@ -116,7 +117,7 @@ class RawServer:
 
     def _connect(self, mode: bytes, size: int) -> socket.socket:
         sock = socket.create_connection(self.address)
-        _tune(sock)
+        tune(sock)
         sock.sendall(_HELLO.pack(mode, size))
         return sock
 

@@ -17,7 +17,8 @@ from collections.abc import Iterator
 from typing import Any
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A loopback TCP port nobody listens on now (the bench's servers bind it at once)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
@@ -31,7 +32,7 @@ def spawn_redis(max_memory: str = "8gb", cpus: set[int] | None = None) -> Iterat
     exe = shutil.which("redis-server")
     if exe is None:
         raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
-    port = _free_port()
+    port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
         proc = subprocess.Popen(
             [

@@ -328,6 +328,38 @@ _HDGSTF = int(PduFlags.HDGSTF)
 _DDGSTF = int(PduFlags.DDGSTF)
 
 
+def _frame(
+    pdu_type: int,
+    hlen: int,
+    flags: int,
+    *,
+    header_digest: bool,
+    data_length: int,
+    data_digest: bool,
+    pda: int,
+) -> bytearray:
+    """A header buffer with its CH packed and room for the PSH (and HDGST, and pad to PDO)."""
+    data_digest = data_digest and data_length > 0
+    if data_length:
+        size = pdo = data_offset(hlen, header_digest, pda)
+    else:
+        pdo = 0
+        size = hlen + (DIGEST_SIZE if header_digest else 0)
+    # plain ints: IntFlag arithmetic is slow, and this runs for every PDU sent
+    flags = int(flags) | (_HDGSTF if header_digest else 0) | (_DDGSTF if data_digest else 0)
+    plen = size + data_length + (DIGEST_SIZE if data_digest else 0)
+    out = bytearray(size)
+    _CH.pack_into(out, 0, pdu_type, flags, hlen, pdo, plen)
+    return out
+
+
+def _sealed(out: bytearray, hlen: int, header_digest: bool) -> bytearray:
+    """``out`` with its HDGST, once the PSH is in."""
+    if header_digest:
+        _DIGEST.pack_into(out, hlen, _crc32c.crc32c(memoryview(out)[:hlen]))
+    return out
+
+
 def build_header(
     psh: Psh,
     *,
@@ -345,53 +377,44 @@ def build_header(
     pdu_type = psh.pdu_type
     hlen = HLEN[pdu_type]
     header_digest = header_digest and pdu_type in HEADER_DIGEST_TYPES
-    data_digest = data_digest and data_length > 0
-    if data_length:
-        pdo = data_offset(hlen, header_digest, pda)
-        size = pdo
-    else:
-        pdo = 0
-        size = hlen + (DIGEST_SIZE if header_digest else 0)
-    # plain ints: IntFlag arithmetic is slow, and this runs for every PDU sent
-    flags = int(flags) | (_HDGSTF if header_digest else 0) | (_DDGSTF if data_digest else 0)
-    plen = size + data_length + (DIGEST_SIZE if data_digest else 0)
-    out = bytearray(size)
-    _CH.pack_into(out, 0, pdu_type, flags, hlen, pdo, plen)
+    out = _frame(
+        pdu_type,
+        hlen,
+        flags,
+        header_digest=header_digest,
+        data_length=data_length,
+        data_digest=data_digest,
+        pda=pda,
+    )
     psh.pack_into(out, 0)
-    if header_digest:
-        _DIGEST.pack_into(out, hlen, _crc32c.crc32c(memoryview(out)[:hlen]))
-    return out
+    return _sealed(out, hlen, header_digest)
 
 
+# The PDUs sent for every command get builders without the intermediate PSH record (checked
+# byte for byte against build_header in the tests).
 _CAPSULE_CMD = int(PduType.CAPSULE_CMD)
 _CMD_HLEN = HLEN[PduType.CAPSULE_CMD]
+_C2H_DATA = int(PduType.C2H_DATA)
+_C2H_HLEN = HLEN[PduType.C2H_DATA]
+_CAPSULE_RESP = int(PduType.CAPSULE_RESP)
+_RESP_HLEN = HLEN[PduType.CAPSULE_RESP]
 
 
 def capsule_cmd_header(
     sqe: memoryview, *, header_digest: bool, data_length: int, data_digest: bool, pda: int
 ) -> bytearray:
-    """``build_header(CapsuleCmdHeader(sqe), ...)`` without the intermediate record: one per
-    command sent, so it is worth the few lines."""
-    if data_length:
-        size = pdo = data_offset(_CMD_HLEN, header_digest, pda)
-    else:
-        pdo = 0
-        size = _CMD_HLEN + (DIGEST_SIZE if header_digest else 0)
-    data_digest = data_digest and data_length > 0
-    flags = (_HDGSTF if header_digest else 0) | (_DDGSTF if data_digest else 0)
-    plen = size + data_length + (DIGEST_SIZE if data_digest else 0)
-    out = bytearray(size)
-    _CH.pack_into(out, 0, _CAPSULE_CMD, flags, _CMD_HLEN, pdo, plen)
+    """``build_header(CapsuleCmdHeader(sqe), ...)``."""
+    out = _frame(
+        _CAPSULE_CMD,
+        _CMD_HLEN,
+        0,
+        header_digest=header_digest,
+        data_length=data_length,
+        data_digest=data_digest,
+        pda=pda,
+    )
     out[8:_CMD_HLEN] = sqe
-    if header_digest:
-        _DIGEST.pack_into(out, _CMD_HLEN, _crc32c.crc32c(memoryview(out)[:_CMD_HLEN]))
-    return out
-
-
-_C2H_DATA = int(PduType.C2H_DATA)
-_C2H_HLEN = HLEN[PduType.C2H_DATA]
-_CAPSULE_RESP = int(PduType.CAPSULE_RESP)
-_RESP_HLEN = HLEN[PduType.CAPSULE_RESP]
+    return _sealed(out, _CMD_HLEN, header_digest)
 
 
 def c2h_data_header(
@@ -404,24 +427,30 @@ def c2h_data_header(
     data_digest: bool,
     pda: int,
 ) -> bytearray:
-    """``build_header(C2HDataHeader(cccid, datao, datal), ...)`` without the record."""
-    size = pdo = data_offset(_C2H_HLEN, header_digest, pda)
-    flags |= (_HDGSTF if header_digest else 0) | (_DDGSTF if data_digest else 0)
-    plen = size + datal + (DIGEST_SIZE if data_digest else 0)
-    out = bytearray(size)
-    _CH.pack_into(out, 0, _C2H_DATA, flags, _C2H_HLEN, pdo, plen)
+    """``build_header(C2HDataHeader(cccid, datao, datal), ...)``."""
+    out = _frame(
+        _C2H_DATA,
+        _C2H_HLEN,
+        flags,
+        header_digest=header_digest,
+        data_length=datal,
+        data_digest=data_digest,
+        pda=pda,
+    )
     _XFER.pack_into(out, 8, cccid, 0, datao, datal)
-    if header_digest:
-        _DIGEST.pack_into(out, _C2H_HLEN, _crc32c.crc32c(memoryview(out)[:_C2H_HLEN]))
-    return out
+    return _sealed(out, _C2H_HLEN, header_digest)
 
 
 def capsule_resp_header(cqe: memoryview, *, header_digest: bool) -> bytearray:
-    """``build_header(CapsuleRespHeader(cqe), ...)`` without the record (the CQE is inside)."""
-    size = _RESP_HLEN + (DIGEST_SIZE if header_digest else 0)
-    out = bytearray(size)
-    _CH.pack_into(out, 0, _CAPSULE_RESP, _HDGSTF if header_digest else 0, _RESP_HLEN, 0, size)
+    """``build_header(CapsuleRespHeader(cqe), ...)``."""
+    out = _frame(
+        _CAPSULE_RESP,
+        _RESP_HLEN,
+        0,
+        header_digest=header_digest,
+        data_length=0,
+        data_digest=False,
+        pda=0,
+    )
     out[8:_RESP_HLEN] = cqe
-    if header_digest:
-        _DIGEST.pack_into(out, _RESP_HLEN, _crc32c.crc32c(memoryview(out)[:_RESP_HLEN]))
-    return out
+    return _sealed(out, _RESP_HLEN, header_digest)

@@ -29,6 +29,7 @@ from nvmeof.tcp.connection import (
     ResponseReceived,
     TermReqReceived,
 )
+from nvmeof.tcp.machine import PduConnection
 from nvmeof.transport.base import Buffer, ByteStream, HostConnector, Request
 from nvmeof.transport.sockets import open_tcp
 
@@ -55,21 +56,18 @@ class _Sender:
     loopback each ``sendmsg`` also runs the receiver's TCP stack, so fewer of them is the win.
     """
 
-    def __init__(
-        self, sock: ByteStream, take: Callable[[], list[Buffer]], pending: Callable[[], bool]
-    ) -> None:
+    def __init__(self, sock: ByteStream, conn: PduConnection) -> None:
         self._sock = sock
-        self._take = take
-        self._pending = pending
+        self._conn = conn
         self._sending = False
 
     async def flush(self) -> None:
-        if self._sending or not self._pending():
+        if self._sending or not self._conn.has_data_to_send:
             return
         self._sending = True
         try:
             await anyio.lowlevel.checkpoint()
-            while buffers := self._take():
+            while buffers := self._conn.data_to_send():
                 await self._sock.send_all(buffers)
         finally:
             self._sending = False
@@ -81,7 +79,7 @@ class TcpHostChannel:
     def __init__(self, sock: ByteStream, conn: HostConnection) -> None:
         self._sock = sock
         self._conn = conn
-        self._sender = _Sender(sock, conn.data_to_send, lambda: conn.has_data_to_send)
+        self._sender = _Sender(sock, conn)
         self._digest_failed: set[int] = set()
         self._lost: ConnectionLost | None = None
         self.peer = sock.peer
@@ -276,8 +274,7 @@ class TcpControllerChannel:
                 allow_digests=allow_digests,
                 receive_buffer_size=RECEIVE_BUFFER,
             )
-        conn = self._conn
-        self._sender = _Sender(sock, conn.data_to_send, lambda: conn.has_data_to_send)
+        self._sender = _Sender(sock, self._conn)
         self._pulls: dict[int, _Pull] = {}
         self.sq_flow_control_disabled = False  # set by the queue's Connect (CATTR bit 2)
         self.success_shortcuts = 0
