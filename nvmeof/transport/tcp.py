@@ -40,6 +40,11 @@ DEFAULT_PORT = 4420
 # Bytes a connection parses per receive: 32 commands of 4 KiB in flight are ~135 KiB of PDUs, and
 # the batch one recv brings is the batch one sendmsg answers.
 RECEIVE_BUFFER = 256 * 1024
+# Completions a controller queues before it sends them, when one receive brought more commands.
+# Answering a 32-command batch in one send makes host and target take turns (each idles while
+# the other works through the batch); in slices of 8 the host starts on the first completions
+# while the rest are served. 4 KiB x32 here: gets 19k -> 29k/s, puts 26-30k -> 37k/s.
+COMPLETIONS_PER_SEND = 8
 _CID = struct.Struct("<H")
 _IN_CAPSULE = int(SglIdentifier.DATA_BLOCK_OFFSET)
 _TRANSPORT = int(SglIdentifier.TRANSPORT_DATA_BLOCK)
@@ -294,10 +299,12 @@ class TcpControllerChannel:
         return bool(self._conn.params and self._conn.params.data_digest)
 
     async def run(self, on_request: Callable[[Request], None]) -> None:
+        commands = 0  # since the last send
         try:
             while True:
                 event = self._conn.next_event()
                 if event is None:
+                    commands = 0
                     if self._conn.has_data_to_send:
                         await self._sender.flush()
                     # An idle queue is keep-alive's business: no timer between PDUs.
@@ -330,6 +337,10 @@ class TcpControllerChannel:
                     return
                 elif isinstance(event, CommandReceived):
                     on_request(Request(Command.unpack_from(event.sqe), event.data))
+                    commands += 1
+                    if commands >= COMPLETIONS_PER_SEND and self._conn.has_data_to_send:
+                        commands = 0
+                        await self._sender.flush()
         except PduError as exc:
             log.warning("[%s] terminating connection: %s", self.peer, exc)
             with anyio.move_on_after(1):
