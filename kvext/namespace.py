@@ -59,6 +59,16 @@ class KeyValueNamespace:
         # A DRAM engine never waits: its commands can complete inside the receive loop.
         self._synchronous = isinstance(engine, MemoryEngine)
 
+    def allocate_in_capsule(self, sqe: memoryview, size: int) -> bytearray | memoryview:
+        """Where a command's in-capsule data lands: a Store's value goes straight into the
+        engine's own (pooled, for DRAM) buffer, which the Store then keeps without a copy."""
+        if sqe[0] != KvOpcode.STORE:
+            return bytearray(size)
+        try:
+            return self.engine.allocate(size)
+        except (EngineError, ValueError):
+            return bytearray(size)  # the Store itself then fails with the status that says why
+
     # --- identify ---------------------------------------------------------------------------
     def identify_namespace(self) -> bytes:
         blocks = max(1, self.engine.limits.capacity_bytes // _BLOCK)

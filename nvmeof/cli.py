@@ -34,6 +34,9 @@ def _setup_logging(verbose: bool, *, client: bool) -> None:
 
 
 # --- target -----------------------------------------------------------------------------------
+DEFAULT_IN_CAPSULE = "8196KiB"
+
+
 def build_target(args: argparse.Namespace) -> Any:
     from kvext.engine.base import EngineLimits
     from kvext.engine.memory import MemoryEngine
@@ -41,7 +44,11 @@ def build_target(args: argparse.Namespace) -> Any:
     from nvmeof.target.subsystem import Subsystem, Target, TargetLimits, transfer_size_for
 
     max_value = parse_size(args.max_value_size)
-    target = Target(TargetLimits(max_transfer_size=transfer_size_for(max_value)))
+    transfer = transfer_size_for(max_value)
+    in_capsule = min(
+        parse_size(getattr(args, "in_capsule_data_size", DEFAULT_IN_CAPSULE)), transfer
+    )
+    target = Target(TargetLimits(max_transfer_size=transfer, in_capsule_data_size=in_capsule))
     subsystem = Subsystem(
         nqn=args.nqn, allow_any_host=not args.allow_host, hosts=set(args.allow_host or ())
     )
@@ -459,6 +466,14 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--capacity", default="1GiB", help="DRAM capacity of the KV namespace")
     target.add_argument(
         "--max-value-size", default="128MiB", help="largest value a Store may carry"
+    )
+    target.add_argument(
+        "--in-capsule-data-size",
+        default=DEFAULT_IN_CAPSULE,
+        help="data a TCP command may carry in its capsule (IOCCSZ; SPDK's in_capsule_data_size):"
+        " a KV Store up to this size goes out with its command, no R2T round trip (default 8 MiB"
+        " + 4 KiB for a key and value header; a connection holds at most max_in_flight_bytes"
+        " of it at once)",
     )
     target.add_argument("--eviction", choices=["lru", "fifo", "none"], default="lru")
     target.add_argument(

@@ -334,7 +334,8 @@ class Controller:
             sgls=0x00100001 | (0x4 if self.keyed_sgls else 0),  # bit 2: keyed SGLs (RDMA)
             mnan=nn,
             subnqn=self.subsystem.nqn,
-            ioccsz=(64 + limits.in_capsule_data_size) // 16,
+            ioccsz=(64 + limits.in_capsule_data_size_for("rdma" if self.keyed_sgls else "tcp"))
+            // 16,
             iorcsz=1,
             icdoff=0,
             msdbd=1,

@@ -34,6 +34,7 @@ from nvmeof.target.controller import Controller, invalid_field
 from nvmeof.target.discovery import controller_factory
 from nvmeof.target.namespace import CommandResult
 from nvmeof.target.subsystem import ListenAddress, Target
+from nvmeof.tcp.connection import InCapsuleAllocator
 from nvmeof.transport.base import Buffer, ControllerChannel, Request
 
 log = logging.getLogger("nvmeof.target.queue")
@@ -449,7 +450,12 @@ class QueueSession:
                 raise _connect_invalid(44, in_data=False)
             controller.io_queues.add(params.qid)
             controller.closers.append(self._close_soon)
-            self.channel.set_max_in_capsule_data(limits.in_capsule_data_size)
+            self.channel.set_max_in_capsule_data(
+                limits.in_capsule_data_size_for(self.channel.trtype)
+            )
+            set_allocator = getattr(self.channel, "set_in_capsule_allocator", None)
+            if set_allocator is not None:
+                set_allocator(_in_capsule_allocator(controller))
             self.log.debug("[%d/%d] I/O queue connected", controller.cntlid, params.qid)
         self.controller = controller
         self.qid = params.qid
@@ -503,6 +509,18 @@ class QueueSession:
             controller.io_queues.discard(self.qid)
             if self._close_soon in controller.closers:
                 controller.closers.remove(self._close_soon)
+
+
+def _in_capsule_allocator(controller: Controller) -> InCapsuleAllocator:
+    """In-capsule data lands where the command's namespace wants it (a KV Store: its value)."""
+    namespaces = controller.subsystem.namespaces
+
+    def allocate(sqe: memoryview, size: int) -> bytearray | memoryview:
+        nsid = int.from_bytes(sqe[4:8], "little")
+        allocate_for = getattr(namespaces.get(nsid), "allocate_in_capsule", None)
+        return bytearray(size) if allocate_for is None else allocate_for(sqe, size)
+
+    return allocate
 
 
 def _property_access(request: Request) -> PropertyAccess:

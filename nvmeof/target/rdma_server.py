@@ -82,7 +82,7 @@ async def handle_rdma_request(
             endpoint,
             recv_depth=recv_depth,
             send_depth=send_depth,
-            in_capsule_size=limits.in_capsule_data_size,
+            in_capsule_size=limits.in_capsule_data_size_for("rdma"),
         )
     except NvmeofError as exc:
         log.warning("no buffers for %s: %s", request.peer, exc)

@@ -97,6 +97,7 @@ class TargetServer:
             allow_digests=self.allow_digests,
             negotiated=negotiated,
             header_timeout=limits.header_timeout,
+            in_capsule_budget=limits.max_in_flight_bytes,
         )
         await self.serve_channel(channel, address)
 

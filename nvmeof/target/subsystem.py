@@ -97,13 +97,16 @@ def transfer_size_for(max_value_length: int) -> int:
     return size
 
 
+RDMA_IN_CAPSULE_DATA_SIZE = 8192
+
+
 @attrs.frozen
 class TargetLimits:
     """What every controller of this target advertises."""
 
     max_queue_entries: int = 1024  # CAP.MQES + 1
     max_io_queues: int = 64
-    in_capsule_data_size: int = 8192  # I/O queues: IOCCSZ = (64 + this) / 16
+    in_capsule_data_size: int = 8192  # I/O queues: IOCCSZ = (64 + this) / 16 (RDMA: capped)
     max_transfer_size: int = 128 << 20  # 2^MDTS * 4 KiB
     maxh2cdata: int = 1 << 20
     keep_alive_granularity_ms: int = 1000  # KAS, in 100 ms units on the wire
@@ -112,6 +115,13 @@ class TargetLimits:
     max_connections: int = 4096  # TCP connections (queues) served at once, all hosts together
     max_in_flight_bytes: int = 256 << 20  # host-to-controller data buffered per connection
     header_timeout: float = 30.0  # seconds a peer may stall before its ICReq or inside a PDU
+
+    def in_capsule_data_size_for(self, trtype: str) -> int:
+        """An RDMA queue posts a receive buffer of this size for every entry, so it keeps to a
+        small one; TCP receives in-capsule data only when it comes."""
+        if trtype == "rdma":
+            return min(self.in_capsule_data_size, RDMA_IN_CAPSULE_DATA_SIZE)
+        return self.in_capsule_data_size
 
 
 class Target:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import itertools
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from nvmeof.errors import ProtocolError
 from nvmeof.tcp.events import (
@@ -106,6 +106,9 @@ _U32 = struct.Struct("<I")
 _RESP_SIZE = HLEN[_T.CAPSULE_RESP]
 _RESP_CH = struct.pack("<BBBBI", _T.CAPSULE_RESP, 0, _RESP_SIZE, 0, _RESP_SIZE)
 _CMD_HLEN = HLEN[_T.CAPSULE_CMD]
+#: Where a command's in-capsule data lands: given its SQE and the data length, a writable buffer of
+#: exactly that length (the command's final home, so a KV Store keeps it without a copy).
+InCapsuleAllocator = Callable[[memoryview, int], "bytearray | memoryview"]
 _CAPSULE_RESP = int(_T.CAPSULE_RESP)
 _C2H_PDO = HLEN[_T.C2H_DATA]  # no header digest, HPDA 0
 _LAST = int(PduFlags.LAST_PDU)
@@ -406,8 +409,9 @@ class ControllerConnection(PduConnection):
         self._ttags: set[int] = set()
         self._ttag_counter = itertools.count(1)
         self._cur_sqe = bytearray()
-        self._cur_icd = bytearray()
+        self._cur_icd: bytearray | memoryview = bytearray()
         self._cur_pull: _Pull | None = None
+        self.allocate_in_capsule: InCapsuleAllocator | None = None
 
     @classmethod
     def resumed(
@@ -529,13 +533,24 @@ class ControllerConnection(PduConnection):
         elif ptype is _T.CAPSULE_CMD:
             self._cur_sqe = bytearray(hdr[8 : 8 + SQE_SIZE])
             if self._datal:
-                self._cur_icd = bytearray(self._datal)
+                self._cur_icd = self._in_capsule_buffer(self._datal)
                 self._cur_pull = None
-                self._expect_payload([memoryview(self._cur_icd)])
+                self._expect_payload([byte_view(self._cur_icd)])
             else:
                 self._events.append(CommandReceived(memoryview(self._cur_sqe), None))
         else:  # H2C_DATA
             self._on_h2c(H2CDataHeader.unpack_from(hdr), hdr_bytes)
+
+    def _in_capsule_buffer(self, size: int) -> bytearray | memoryview:
+        # Only here, where the data is still to come: a capsule already whole in the receive
+        # buffer (the fast path) is small, and copying it out is as cheap as anything.
+        allocate = self.allocate_in_capsule
+        if allocate is None:
+            return bytearray(size)
+        buf = allocate(memoryview(self._cur_sqe), size)
+        if len(buf) != size:
+            raise ValueError(f"in-capsule allocator gave {len(buf)} bytes for {size}")
+        return buf
 
     def _on_icreq(self, req: ICReq) -> None:
         if req.pfv != 0:
@@ -622,7 +637,10 @@ class ControllerConnection(PduConnection):
         if pull is None:  # in-capsule data
             cid = int.from_bytes(self._cur_sqe[2:4], "little")
             if digest_ok:
-                event: Event = CommandReceived(memoryview(self._cur_sqe), memoryview(self._cur_icd))
+                # The allocator's own view, not a new one over it: its identity says whose it is.
+                icd = self._cur_icd
+                data = icd if isinstance(icd, memoryview) else memoryview(icd)
+                event: Event = CommandReceived(memoryview(self._cur_sqe), data)
             else:
                 event = DataDigestError(cid)
             self._events.append(event)

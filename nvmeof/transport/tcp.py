@@ -26,6 +26,7 @@ from nvmeof.tcp.connection import (
     HostConnection,
     ICReqReceived,
     ICRespReceived,
+    InCapsuleAllocator,
     ResponseReceived,
     TermReqReceived,
 )
@@ -258,10 +259,14 @@ class TcpControllerChannel:
         allow_digests: bool = True,
         negotiated: ConnectionParams | None = None,
         header_timeout: float = math.inf,
+        in_capsule_budget: int = 256 << 20,
     ) -> None:
         """``negotiated``: the ICReq/ICResp exchange was done by whoever handed ``sock`` over
         (``nvmeof.target.workers``); the connection starts READY with these parameters.
-        ``header_timeout``: seconds a peer may stall before its ICReq or inside a PDU."""
+        ``header_timeout``: seconds a peer may stall before its ICReq or inside a PDU.
+        ``in_capsule_budget``: in-capsule bytes of commands not yet completed beyond which the
+        connection reads no further until some complete (the host cannot be refused data it
+        sends unasked; TCP's window holds it back instead)."""
         self._sock = sock
         self._header_timeout = header_timeout
         if negotiated is not None:
@@ -281,6 +286,10 @@ class TcpControllerChannel:
             )
         self._sender = _Sender(sock, self._conn)
         self._pulls: dict[int, _Pull] = {}
+        self._in_capsule_budget = max(in_capsule_budget, 1)
+        self._held: dict[Request, int] = {}  # in-capsule bytes by command, until it completes
+        self._held_bytes = 0
+        self._room: anyio.Event | None = None  # set when the held bytes fit the budget again
         self.sq_flow_control_disabled = False  # set by the queue's Connect (CATTR bit 2)
         self.success_shortcuts = 0
         self._closed = False
@@ -289,6 +298,10 @@ class TcpControllerChannel:
 
     def set_max_in_capsule_data(self, size: int) -> None:
         self._conn.set_max_in_capsule_data(size)
+
+    def set_in_capsule_allocator(self, allocate: InCapsuleAllocator | None) -> None:
+        """Where in-capsule data still to arrive lands (the namespace's own buffers)."""
+        self._conn.allocate_in_capsule = allocate
 
     @property
     def header_digest(self) -> bool:
@@ -307,6 +320,9 @@ class TcpControllerChannel:
                     commands = 0
                     if self._conn.has_data_to_send:
                         await self._sender.flush()
+                    while self._held_bytes > self._in_capsule_budget:
+                        self._room = anyio.Event()
+                        await self._room.wait()
                     # An idle queue is keep-alive's business: no timer between PDUs.
                     stall = math.inf if self._conn.between_pdus else self._header_timeout
                     try:
@@ -336,7 +352,11 @@ class TcpControllerChannel:
                 elif isinstance(event, (TermReqReceived, ConnectionClosed)):
                     return
                 elif isinstance(event, CommandReceived):
-                    on_request(Request(Command.unpack_from(event.sqe), event.data))
+                    request = Request(Command.unpack_from(event.sqe), event.data)
+                    if event.data is not None:
+                        self._held[request] = len(event.data)
+                        self._held_bytes += len(event.data)
+                    on_request(request)
                     commands += 1
                     if commands >= COMPLETIONS_PER_SEND and self._conn.has_data_to_send:
                         commands = 0
@@ -381,6 +401,8 @@ class TcpControllerChannel:
         self, request: Request, completion: Completion, data: Sequence[Buffer] = ()
     ) -> None:
         """Queue the data and the completion; the receive loop sends them before it waits."""
+        if self._held:
+            self._release(request)
         if self._closed:
             return
         if (
@@ -401,10 +423,17 @@ class TcpControllerChannel:
         completion.pack_into(cqe)
         self._conn.send_response(cqe)
 
+    def _release(self, request: Request) -> None:
+        self._held_bytes -= self._held.pop(request, 0)
+        if self._room is not None and self._held_bytes <= self._in_capsule_budget:
+            self._room.set()
+            self._room = None
+
     async def complete(
         self, request: Request, completion: Completion, data: Sequence[Buffer] = ()
     ) -> None:
         if self._closed:
+            self._release(request)
             return
         self.complete_nowait(request, completion, data)
         try:

@@ -1,12 +1,15 @@
-"""How a controller's TCP channel batches what it sends: a receive that brings many commands is
-answered in slices (the host works on the first completions while the rest are served), and
-every completion still goes out, in order, exactly once."""
+"""A controller's TCP channel: a receive that brings many commands is answered in slices (the host
+works on the first completions while the rest are served), every completion still going out, in
+order, exactly once; and in-capsule data the host sends unasked is bounded by not reading on
+while too much of it waits for its commands to complete."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
 
+import anyio
+import anyio.lowlevel
 import pytest
 
 from nvmeof.spec.completion import Completion
@@ -31,8 +34,10 @@ class _ScriptedStream:
     def __init__(self, incoming: list[bytes]) -> None:
         self._incoming = incoming
         self.sends: list[bytes] = []
+        self.receives = 0
 
     async def recv_into(self, view: memoryview, *, timeout: float = math.inf) -> int:
+        self.receives += 1
         if not self._incoming:
             return 0
         chunk = self._incoming.pop(0)
@@ -45,6 +50,12 @@ class _ScriptedStream:
 
     async def aclose(self) -> None:
         pass
+
+
+async def _settle() -> None:
+    """Let the channel run until it waits (the scripted stream itself never does)."""
+    for _ in range(20):
+        await anyio.lowlevel.checkpoint()
 
 
 def _responses(sent: bytes) -> list[int]:
@@ -86,3 +97,27 @@ async def test_a_batch_that_does_not_divide_evenly_loses_nothing() -> None:
     sends = await _serve([list(range(n))])
     assert [cid for send in sends for cid in send] == list(range(n))
     assert [len(send) for send in sends] == [COMPLETIONS_PER_SEND] * 3 + [3]
+
+
+async def test_in_capsule_data_beyond_the_budget_holds_reading_back() -> None:
+    stream = _ScriptedStream([capsule(1, bytes(300)), capsule(2, bytes(10)), capsule(3)])
+    channel = TcpControllerChannel(stream, negotiated=_PARAMS, in_capsule_budget=100)
+    channel.set_max_in_capsule_data(4096)
+    arrived: list[Request] = []
+
+    def on_request(request: Request) -> None:
+        arrived.append(request)
+        if request.command.cid != 1:  # command 1 is left waiting: its 300 bytes stay held
+            channel.complete_nowait(request, Completion(cid=request.command.cid))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(channel.run, on_request)
+        await _settle()
+        # 300 bytes wait for command 1: nothing more is read until it completes.
+        assert [r.command.cid for r in arrived] == [1]
+        assert stream.receives == 1
+        channel.complete_nowait(arrived[0], Completion(cid=1))
+        await _settle()
+    # Command 2's 10 bytes fit the budget: reading went on to the end of the stream.
+    assert [r.command.cid for r in arrived] == [1, 2, 3]
+    assert _responses(b"".join(stream.sends)) == [1, 2, 3]
