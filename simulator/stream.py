@@ -129,7 +129,10 @@ class SimStream:
             self.peer = f"{other}:{connection.client_port}"
         self.closed = False
 
-    async def recv_into(self, view: memoryview, *, timeout: float = math.inf) -> int:
+    async def recv_into(
+        self, view: memoryview, *, timeout: float = math.inf, at_least: int = 1
+    ) -> int:
+        # at_least is only a hint, to save receives; a simulated segment costs no syscall.
         conn = self.connection
         pipe = self._in
         give_up = anyio.current_time() + timeout

@@ -228,6 +228,13 @@ class PduConnection:
         self._wants_len = len(view)
         return view
 
+    @property
+    def bytes_due(self) -> int:
+        """Bytes of the last ``wants()`` view that are sure to come: all of it when it is the rest
+        of a payload received in place (the PDU header promised them), else 1. A transport may
+        wait for that many before it reads, instead of reading each little bit as it arrives."""
+        return self._wants_len if self._direct else 1
+
     def received(self, n: int) -> None:
         """``n`` bytes landed in the last ``wants()`` view; 0 means EOF."""
         self._check_open()

@@ -24,12 +24,16 @@ class ByteStream(Protocol):
 
     ``recv_into`` returns 0 at end of stream; failures raise ``ConnectionLost``; with a
     ``timeout``, no byte for that many seconds raises ``TimeoutError`` (and costs nothing while
-    bytes are already there: no cancel scope per receive on a busy stream).
+    bytes are already there: no cancel scope per receive on a busy stream). ``at_least``: bytes
+    the peer is sure to send (the rest of a payload); the stream may wait until that many are
+    there (or some, if they stall past ``timeout``), so a large payload comes in few receives.
     """
 
     peer: str
 
-    async def recv_into(self, view: memoryview, *, timeout: float = math.inf) -> int: ...
+    async def recv_into(
+        self, view: memoryview, *, timeout: float = math.inf, at_least: int = 1
+    ) -> int: ...
 
     async def send_all(self, buffers: Sequence[Buffer]) -> None: ...
 

@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import math
 import socket
+import struct
+import termios
 from collections.abc import Sequence
 
 import anyio
@@ -21,6 +24,7 @@ import anyio.lowlevel
 from nvmeof.errors import ConnectionLost
 
 Buffer = bytes | bytearray | memoryview
+_INT = bytes(4)
 
 # Linux caps one sendmsg at IOV_MAX (1024) buffers.
 _IOV_MAX = 1024
@@ -30,6 +34,9 @@ _IOV_MAX = 1024
 SEND_STALL_TIMEOUT = 30.0
 _SOCKET_BUFFER = 4 * 1024 * 1024
 _FAIR_RECEIVES = 32
+# The most a receive waits to have before it reads (SO_RCVLOWAT): a quarter of the receive window
+# that _SOCKET_BUFFER gives, so the sender always has room to get there.
+_WAIT_FOR = 1024 * 1024
 
 
 def tune(sock: socket.socket) -> None:
@@ -50,14 +57,25 @@ class AsyncSocket:
         self.closed = False
         self.send_stall_timeout = SEND_STALL_TIMEOUT
         self._streak = 0  # receives in a row that did not wait
+        self._tcp = sock.family in (socket.AF_INET, socket.AF_INET6)
+        self._low_water = 1  # SO_RCVLOWAT as last set
         try:
             self.peer = _format_address(sock.getpeername())
         except OSError:
             self.peer = "?"
 
-    async def recv_into(self, view: memoryview, *, timeout: float = math.inf) -> int:
+    async def recv_into(
+        self, view: memoryview, *, timeout: float = math.inf, at_least: int = 1
+    ) -> int:
         """Receive into ``view``; 0 means the peer closed its side. ``timeout``: seconds to wait
-        for the first byte (``TimeoutError``); the scope exists only while waiting."""
+        for the first byte (``TimeoutError``); the scope exists only while waiting.
+        ``at_least``: bytes the peer is sure to send; fewer than that (up to ``_WAIT_FOR``) already
+        there, the socket waits for them (SO_RCVLOWAT) rather than take each segment as it lands
+        (a receiver faster than its sender otherwise reads 4 MiB in 20-odd receives).
+        """
+        due = min(at_least, len(view), _WAIT_FOR) if self._tcp else 1
+        if due > 1 and _readable(self.sock) < due:
+            await self._wait_readable(timeout, due)
         while True:
             try:
                 n = self.sock.recv_into(view)
@@ -75,16 +93,24 @@ class AsyncSocket:
                     await anyio.lowlevel.checkpoint()
                 return n
             self._streak = 0
-            try:
-                if timeout == math.inf:
+            await self._wait_readable(timeout, due)
+
+    async def _wait_readable(self, timeout: float, due: int) -> None:
+        if due != self._low_water:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, due)
+            self._low_water = due
+        try:
+            if timeout == math.inf:
+                await anyio.wait_readable(self.sock)
+            else:
+                with anyio.fail_after(timeout):
                     await anyio.wait_readable(self.sock)
-                else:
-                    with anyio.fail_after(timeout):
-                        await anyio.wait_readable(self.sock)
-            except TimeoutError:
-                raise
-            except (anyio.ClosedResourceError, OSError) as exc:
-                raise ConnectionLost(f"connection to {self.peer} closed") from exc
+        except TimeoutError:
+            if due > 1 and _readable(self.sock) > 0:
+                return  # slow, not stalled: take what came
+            raise
+        except (anyio.ClosedResourceError, OSError) as exc:
+            raise ConnectionLost(f"connection to {self.peer} closed") from exc
 
     async def send_all(self, buffers: Sequence[Buffer]) -> None:
         views = [memoryview(b).cast("B") for b in buffers if len(b)]
@@ -124,6 +150,14 @@ class AsyncSocket:
         anyio.notify_closing(self.sock)
         self.sock.close()
         await anyio.lowlevel.checkpoint()
+
+
+def _readable(sock: socket.socket) -> int:
+    """Bytes waiting in the socket's receive queue."""
+    try:
+        return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, _INT))[0]  # type: ignore[no-any-return]
+    except OSError:
+        return 0  # closed: the receive that follows says so
 
 
 def _advance(views: list[memoryview], sent: int) -> list[memoryview]:

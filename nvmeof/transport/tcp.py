@@ -209,7 +209,8 @@ class TcpHostChannel:
             # R2Ts are answered inside the connection; push the H2CData they queued.
             await self._push_queued()
             try:
-                n = await self._sock.recv_into(self._conn.wants())
+                view = self._conn.wants()
+                n = await self._sock.recv_into(view, at_least=self._conn.bytes_due)
                 self._conn.received(n)
             except PduError as exc:
                 log.error("[%s] protocol error from controller: %s", self.peer, exc)
@@ -326,7 +327,10 @@ class TcpControllerChannel:
                     # An idle queue is keep-alive's business: no timer between PDUs.
                     stall = math.inf if self._conn.between_pdus else self._header_timeout
                     try:
-                        n = await self._sock.recv_into(self._conn.wants(), timeout=stall)
+                        view = self._conn.wants()
+                        n = await self._sock.recv_into(
+                            view, timeout=stall, at_least=self._conn.bytes_due
+                        )
                     except TimeoutError:
                         log.warning(
                             "[%s] peer stalled %ss inside a PDU (or before ICReq): closing",

@@ -36,7 +36,9 @@ class _ScriptedStream:
         self.sends: list[bytes] = []
         self.receives = 0
 
-    async def recv_into(self, view: memoryview, *, timeout: float = math.inf) -> int:
+    async def recv_into(
+        self, view: memoryview, *, timeout: float = math.inf, at_least: int = 1
+    ) -> int:
         self.receives += 1
         if not self._incoming:
             return 0
