@@ -258,7 +258,8 @@ class Controller:
             completion = await queue.execute(
                 connect_command(
                     qid=qid,
-                    sqsize=depth - 1,
+                    # 0's based and 0 is invalid: one command in flight takes a 2-entry queue.
+                    sqsize=max(depth, 2) - 1,
                     kato_ms=kato,
                     cattr=0
                     if qid == 0 or options.sq_flow_control

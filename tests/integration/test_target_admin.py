@@ -147,6 +147,16 @@ async def test_each_controller_gets_its_own_cntlid() -> None:
         assert ident.cntlid == other.cntlid
 
 
+async def test_one_command_in_flight_still_connects() -> None:
+    # SQSIZE is 0's based and 0 is invalid: a depth of 1 asks for a 2-entry queue.
+    async with (
+        serve_target() as rt,
+        KVClient.connect(rt.address, rt.nqn, queue_depth=1, timeout=10.0) as kv,
+    ):
+        await kv.put("one", b"at a time")
+        assert await kv.get("one") == b"at a time"
+
+
 async def test_namespace_lists_and_descriptors() -> None:
     async with connected() as (_, ctrl):
         active = unpack_namespace_list(await identify(ctrl, Cns.ACTIVE_NAMESPACES))
