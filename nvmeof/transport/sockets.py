@@ -24,7 +24,7 @@ import anyio.lowlevel
 from nvmeof.errors import ConnectionLost
 
 Buffer = bytes | bytearray | memoryview
-_INT = bytes(4)
+_INT = struct.Struct("i")
 
 # Linux caps one sendmsg at IOV_MAX (1024) buffers.
 _IOV_MAX = 1024
@@ -155,9 +155,10 @@ class AsyncSocket:
 def _readable(sock: socket.socket) -> int:
     """Bytes waiting in the socket's receive queue."""
     try:
-        return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, _INT))[0]  # type: ignore[no-any-return]
+        (count,) = _INT.unpack(fcntl.ioctl(sock.fileno(), termios.FIONREAD, bytes(_INT.size)))
     except OSError:
         return 0  # closed: the receive that follows says so
+    return int(count)
 
 
 def _advance(views: list[memoryview], sent: int) -> list[memoryview]:

@@ -321,7 +321,7 @@ class TcpControllerChannel:
                     commands = 0
                     if self._conn.has_data_to_send:
                         await self._sender.flush()
-                    while self._held_bytes > self._in_capsule_budget:
+                    while self._held_bytes > self._in_capsule_budget and not self._closed:
                         self._room = anyio.Event()
                         await self._room.wait()
                     # An idle queue is keep-alive's business: no timer between PDUs.
@@ -448,6 +448,8 @@ class TcpControllerChannel:
     async def aclose(self) -> None:
         if not self._closed:
             self._closed = True
+            if self._room is not None:
+                self._room.set()  # a receive loop holding back for room: it ends instead
             await self._sock.aclose()
 
 

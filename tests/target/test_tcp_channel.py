@@ -12,6 +12,7 @@ import anyio
 import anyio.lowlevel
 import pytest
 
+from nvmeof.errors import ConnectionLost
 from nvmeof.spec.completion import Completion
 from nvmeof.tcp.events import ConnectionParams
 from nvmeof.tcp.pdu import PduType
@@ -35,11 +36,14 @@ class _ScriptedStream:
         self._incoming = incoming
         self.sends: list[bytes] = []
         self.receives = 0
+        self.closed = False
 
     async def recv_into(
         self, view: memoryview, *, timeout: float = math.inf, at_least: int = 1
     ) -> int:
         self.receives += 1
+        if self.closed:
+            raise ConnectionLost("scripted stream closed")
         if not self._incoming:
             return 0
         chunk = self._incoming.pop(0)
@@ -51,7 +55,7 @@ class _ScriptedStream:
         self.sends.append(b"".join(bytes(b) for b in buffers))
 
     async def aclose(self) -> None:
-        pass
+        self.closed = True
 
 
 async def _settle() -> None:
@@ -123,3 +127,16 @@ async def test_in_capsule_data_beyond_the_budget_holds_reading_back() -> None:
     # Command 2's 10 bytes fit the budget: reading went on to the end of the stream.
     assert [r.command.cid for r in arrived] == [1, 2, 3]
     assert _responses(b"".join(stream.sends)) == [1, 2, 3]
+
+
+async def test_closing_a_connection_that_holds_back_for_room_ends_it() -> None:
+    stream = _ScriptedStream([capsule(1, bytes(300)), capsule(2)])
+    channel = TcpControllerChannel(stream, negotiated=_PARAMS, in_capsule_budget=100)
+    channel.set_max_in_capsule_data(4096)
+    arrived: list[Request] = []
+    with anyio.fail_after(10):  # a hang guard, not a timing check
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(channel.run, arrived.append)
+            await _settle()
+            await channel.aclose()  # e.g. keep-alive expired while command 1 still runs
+    assert [r.command.cid for r in arrived] == [1]
