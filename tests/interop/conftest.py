@@ -17,10 +17,12 @@ import attrs
 import pytest
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
+from nvmeof.cli import DEFAULT_IN_CAPSULE
 from nvmeof.target.bdev.malloc import MallocBdev
 from nvmeof.target.server import TargetServer
-from nvmeof.target.subsystem import Target
+from nvmeof.target.subsystem import Target, TargetLimits, transfer_size_for
 from nvmeof.testing import make_kv_target
+from nvmeof.units import parse_size
 from tools.lab.guest import Guest, LabError, build_image, free_port
 
 LAB_NQN = "nqn.2024-01.io.gpucache:lab"
@@ -65,8 +67,25 @@ def lab(lab_image: Path) -> Iterator[Lab]:
 
 @pytest.fixture(scope="session")
 def lab_target() -> Iterator[LabTarget]:
-    """A KV namespace (1) and a RAM block namespace (2), on 127.0.0.1 (the guest's 10.0.2.2)."""
-    target = make_kv_target(nqn=LAB_NQN, capacity=64 << 20, max_value_length=1 << 20)
+    """A KV namespace (1) and a RAM block namespace (2), on 127.0.0.1 (the guest's 10.0.2.2).
+    8 KiB in-capsule data, as SPDK's and Linux's targets: larger writes take R2Ts."""
+    yield from _serve_lab_target(TargetLimits(max_transfer_size=transfer_size_for(1 << 20)))
+
+
+@pytest.fixture(scope="session")
+def big_capsule_target() -> Iterator[LabTarget]:
+    """The same, with ``gpucache target``'s in-capsule data size (8 MiB + 4 KiB): the kernel
+    host then sends its writes inside the command capsule."""
+    yield from _serve_lab_target(
+        TargetLimits(
+            max_transfer_size=transfer_size_for(1 << 20),
+            in_capsule_data_size=parse_size(DEFAULT_IN_CAPSULE),
+        )
+    )
+
+
+def _serve_lab_target(limits: TargetLimits) -> Iterator[LabTarget]:
+    target = make_kv_target(nqn=LAB_NQN, capacity=64 << 20, max_value_length=1 << 20, limits=limits)
     block = MallocBdev("Malloc0", BLOCK_MIB << 20 >> 9, 512)
     target.subsystems[LAB_NQN].add_namespace(block.make_namespace(), BLOCK_NSID)
     server = TargetServer(target)

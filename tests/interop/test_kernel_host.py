@@ -144,6 +144,19 @@ def test_digests_and_io_queues(
     assert job["read"]["io_bytes"] == 4 << 20
 
 
+def test_writes_inside_the_capsule(host: Guest, big_capsule_target: LabTarget) -> None:
+    """``gpucache target``'s IOCCSZ (8 MiB + 4 KiB): Linux then sends each write of up to that
+    size inline (no R2T); fio writes 1 MiB blocks and verifies every one read back."""
+    rt = big_capsule_target
+    device = json.loads(run(host, connect_cmd(rt)))["device"]
+    ident = json.loads(run(host, f"nvme id-ctrl /dev/{device} -o json"))
+    assert ident["ioccsz"] * 16 - 64 >= 8 << 20
+    job = _fio(host, rt, bs="1M", size="8M")["jobs"][0]  # type: ignore[index]
+    assert job["error"] == 0
+    assert job["write"]["io_bytes"] == 8 << 20
+    assert job["read"]["io_bytes"] == 8 << 20
+
+
 def _passthru(kv_dev: str, opcode: int, key: bytes, extra: str) -> str:
     cdw2 = int.from_bytes(key[:4].ljust(4, b"\0"), "little")
     cdw3 = int.from_bytes(key[4:8].ljust(4, b"\0"), "little")
