@@ -261,9 +261,22 @@ class HostConnection(PduConnection):
             or datao + datal > read.scatter.total
         ):
             return False  # the general path says what is wrong
+        success = rbuf[start + 1] == _LAST_SUCCESS
+        if avail >= plen:
+            # Whole in the buffer (a small value): copy it out here, no payload phase.
+            at = start + _C2H_PDO
+            for seg in read.scatter.slice(datao, datal):
+                end = at + len(seg)
+                seg[:] = self._rview[at:end]
+                at = end
+            read.received += datal
+            self._rstart = start + plen
+            if success:
+                self._complete_by_success(cccid)
+            return True
         self._cur_read = read
         self._cur_cccid = cccid
-        self._cur_success = rbuf[start + 1] == _LAST_SUCCESS
+        self._cur_success = success
         self._skip_to_payload(start + _C2H_PDO, datal, read.scatter.slice(datao, datal))
         return True
 
@@ -369,11 +382,15 @@ class HostConnection(PduConnection):
         if not digest_ok:
             self._events.append(DataDigestError(cccid))
         if self._cur_success:
-            cqe = bytearray(CQE_SIZE)
-            cqe[12:14] = cccid.to_bytes(2, "little")
-            self.forget(cccid)
-            self.success_completions += 1
-            self._events.append(ResponseReceived(memoryview(cqe)))
+            self._complete_by_success(cccid)
+
+    def _complete_by_success(self, cccid: int) -> None:
+        """The last C2HData carried SUCCESS: it stands for a CapsuleResp with status 0."""
+        cqe = bytearray(CQE_SIZE)
+        cqe[12:14] = cccid.to_bytes(2, "little")
+        self.forget(cccid)
+        self.success_completions += 1
+        self._events.append(ResponseReceived(memoryview(cqe)))
 
 
 class ControllerConnection(PduConnection):
