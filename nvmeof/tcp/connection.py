@@ -119,6 +119,7 @@ _C2H_PREFIXES = tuple(
 )
 # PLEN (CH), then the C2HData PSH: CCCID, reserved, DATAO, DATAL
 _C2H_FIELDS = struct.Struct("<IH2xII")
+_NO_PAYLOAD: tuple[memoryview, ...] = ()
 _CMD_CH_PREFIX = bytes([_T.CAPSULE_CMD, 0, _CMD_HLEN])
 
 
@@ -195,8 +196,13 @@ class HostConnection(PduConnection):
         cid = sqe_view[2] | sqe_view[3] << 8
         if cid in self._writes or cid in self._reads:
             raise ProtocolError(f"command {cid} already has data registered")
-        payload = [view for view in map(byte_view, in_capsule) if view]
-        total = sum(map(len, payload))
+        payload: Sequence[memoryview]
+        if in_capsule:
+            payload = [view for view in map(byte_view, in_capsule) if view]
+            total = sum(map(len, payload))
+        else:  # most commands: no per-command list and sum
+            payload = _NO_PAYLOAD
+            total = 0
         if write:
             self._writes[cid] = Scatter(write)
         if read_into:

@@ -146,7 +146,7 @@ class TcpHostChannel:
                 pack_unkeyed_into(sqe, 24, 0, total, _TRANSPORT)
                 self._conn.send_command(sqe, write=out)
         else:
-            pack_unkeyed_into(sqe, 24, 0, sum(len(v) for v in into), _TRANSPORT)
+            pack_unkeyed_into(sqe, 24, 0, sum(map(len, into)), _TRANSPORT)
             self._conn.send_command(sqe, read_into=into)
         await self._flush()
 
