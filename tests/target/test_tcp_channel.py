@@ -86,11 +86,12 @@ async def _serve(batches: list[list[int]]) -> list[list[int]]:
     return [_responses(sent) for sent in stream.sends]
 
 
-async def test_a_large_batch_is_answered_in_slices() -> None:
-    sends = await _serve([list(range(32))])
-    assert [cid for send in sends for cid in send] == list(range(32))
-    assert len(sends) == 32 // COMPLETIONS_PER_SEND
-    assert all(len(send) == COMPLETIONS_PER_SEND for send in sends)
+async def test_a_large_batch_is_answered_in_growing_slices() -> None:
+    # The first slice goes out early (the host starts on it), each next one twice as large.
+    k = COMPLETIONS_PER_SEND
+    sends = await _serve([list(range(7 * k))])
+    assert [cid for send in sends for cid in send] == list(range(7 * k))
+    assert [len(send) for send in sends] == [k, 2 * k, 4 * k]
 
 
 async def test_a_small_batch_goes_out_in_one_send() -> None:
@@ -98,11 +99,19 @@ async def test_a_small_batch_goes_out_in_one_send() -> None:
     assert sends == [[1, 2, 3], [4]]
 
 
-async def test_a_batch_that_does_not_divide_evenly_loses_nothing() -> None:
-    n = 3 * COMPLETIONS_PER_SEND + 3
+async def test_a_batch_that_does_not_fill_its_slices_loses_nothing() -> None:
+    k = COMPLETIONS_PER_SEND
+    n = 3 * k + 3
     sends = await _serve([list(range(n))])
     assert [cid for send in sends for cid in send] == list(range(n))
-    assert [len(send) for send in sends] == [COMPLETIONS_PER_SEND] * 3 + [3]
+    assert [len(send) for send in sends] == [k, 2 * k, 3]
+
+
+async def test_every_receive_starts_again_with_a_small_slice() -> None:
+    k = COMPLETIONS_PER_SEND
+    first, second = list(range(3 * k)), list(range(3 * k, 6 * k))
+    sends = await _serve([first, second])
+    assert [len(send) for send in sends] == [k, 2 * k, k, 2 * k]
 
 
 async def test_in_capsule_data_beyond_the_budget_holds_reading_back() -> None:
