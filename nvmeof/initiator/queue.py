@@ -29,7 +29,9 @@ class _Waiter:
     tenth of what an ``anyio.Event`` costs to make, set and await), an ``anyio.Event`` elsewhere;
     a fresh one after each wake-up that was not its completion (a hand-over or a timeout)."""
 
-    __slots__ = ("abandoned", "completion", "deadline", "error", "expired", "send", "signal")
+    __slots__ = (
+        "abandoned", "completion", "deadline", "error", "expired", "send", "signal", "submitting",
+    )  # fmt: skip
 
     def __init__(self, signal: _Signal, deadline: float) -> None:
         self.signal = signal
@@ -39,6 +41,7 @@ class _Waiter:
         self.expired = False
         self.abandoned = False
         self.send = False  # woken to push the queue's queued data (see TcpHostChannel)
+        self.submitting = True  # inside the channel's submit (it may be the one sending)
 
     @property
     def pending(self) -> bool:
@@ -156,6 +159,7 @@ class QueuePair:
         finished = False
         try:
             await self.channel.submit(command, cid=cid, out=out, into=into)
+            waiter.submitting = False
             completion = await self._wait(waiter)
             finished = True
         except TimeoutError:
@@ -252,7 +256,12 @@ class QueuePair:
         if self._push is None:
             return False
         for waiter in self._waiters.values():
-            if waiter.pending and not waiter.abandoned and waiter is not self._reader:
+            if (
+                waiter.pending
+                and not waiter.abandoned
+                and not waiter.submitting
+                and waiter is not self._reader
+            ):
                 waiter.send = True
                 self._wake(waiter)
                 return True

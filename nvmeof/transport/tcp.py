@@ -62,11 +62,22 @@ class _Sender:
     Before its first send the sending task yields once, so the PDUs that other ready tasks queue
     in the same turn of the loop (32 completions, 32 commands) go out in one ``sendmsg``: on
     loopback each ``sendmsg`` also runs the receiver's TCP stack, so fewer of them is the win.
+
+    ``hand_over``: asked, when more was queued during a send, to have another task send it; True
+    if one will (it calls ``flush``). Without it the sending task drains until nothing is left,
+    which under steady load may be never: a host's caller would wait on other callers' data
+    long after its own command completed.
     """
 
-    def __init__(self, sock: ByteStream, conn: PduConnection) -> None:
+    def __init__(
+        self,
+        sock: ByteStream,
+        conn: PduConnection,
+        hand_over: Callable[[], bool] | None = None,
+    ) -> None:
         self._sock = sock
         self._conn = conn
+        self._hand_over = hand_over
         self._sending = False
 
     async def flush(self) -> None:
@@ -77,6 +88,9 @@ class _Sender:
             await anyio.lowlevel.checkpoint()
             while buffers := self._conn.data_to_send():
                 await self._sock.send_all(buffers)
+                hand_over = self._hand_over
+                if hand_over is not None and self._conn.has_data_to_send and hand_over():
+                    return
         finally:
             self._sending = False
 
@@ -87,7 +101,7 @@ class TcpHostChannel:
     def __init__(self, sock: ByteStream, conn: HostConnection) -> None:
         self._sock = sock
         self._conn = conn
-        self._sender = _Sender(sock, conn)
+        self._sender = _Sender(sock, conn, self._hand_over)
         self._digest_failed: set[int] = set()
         self._lost: ConnectionLost | None = None
         self.peer = sock.peer
@@ -170,13 +184,20 @@ class TcpHostChannel:
 
     async def _push_queued(self) -> None:
         """Data queued by R2Ts: another task pushes it if the queue finds one, else we do."""
-        if not self._conn.has_data_to_send or self._send_delegated:
+        if not self._conn.has_data_to_send or self._hand_over():
             return
+        await self._flush()
+
+    def _hand_over(self) -> bool:
+        """Have a waiting task (not the reader, not one still submitting) push what is queued:
+        True if one will, or already is asked to."""
+        if self._send_delegated:
+            return True
         delegate = self.delegate_send
         if delegate is not None and delegate():
             self._send_delegated = True
-            return
-        await self._flush()
+            return True
+        return False
 
     async def next_completion(self) -> Completion:
         while True:

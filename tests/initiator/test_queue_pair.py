@@ -363,3 +363,44 @@ async def test_a_push_asked_of_a_cancelled_waiter_is_not_lost() -> None:
             channel.complete(cid)
     # (the cancelled command keeps its CID until a reader reads its late completion)
     channel.close_streams()
+
+
+class SlowSubmitChannel(DelegatingChannel):
+    """The first submit blocks until ``release`` is set, as a task sending a megabyte does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = anyio.Event()
+
+    async def submit(
+        self,
+        command: Command,
+        *,
+        cid: int,
+        out: Sequence[Buffer] = (),
+        into: Sequence[memoryview] = (),
+    ) -> None:
+        await super().submit(command, cid=cid, out=out, into=into)
+        if len(self.submitted) == 1:
+            await self.release.wait()
+
+
+async def test_a_waiter_still_submitting_is_not_asked_to_push() -> None:
+    channel = SlowSubmitChannel()
+    queue = QueuePair(channel, qid=1, depth=4)
+    assert channel.delegate_send is not None
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(queue.execute, Command(opcode=0x01, nsid=0))  # stays inside submit
+        await _settled(lambda: len(channel.submitted) == 1)
+        assert not channel.delegate_send()  # the only waiter is the one sending: nobody else
+        tg.start_soon(queue.execute, Command(opcode=0x01, nsid=1))
+        tg.start_soon(queue.execute, Command(opcode=0x01, nsid=2))
+        await _settled(lambda: len(channel.submitted) == 3)
+        assert channel.delegate_send()  # one of the two others pushes
+        await _settled(lambda: channel.pushes == 1)
+        channel.release.set()
+        for cid, _ in channel.submitted:
+            channel.complete(cid)
+    assert channel.pushes == 1  # the sender, once out of submit, was not asked as well
+    assert queue.in_flight == 0
+    channel.close_streams()
