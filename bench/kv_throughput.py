@@ -445,8 +445,7 @@ async def _bench_size(
             if phase == "get":
                 await anyio.to_thread.run_sync(baseline.fill, value)
         if redis is not None and phase == "put":
-            for k in keys:
-                await redis.set(k, value)
+            await _redis_fill(redis, keys, value)
             await _purge(redis)
         for n in settings.inflight:
             raw_stats: Stats | None = None
@@ -463,8 +462,7 @@ async def _bench_size(
             redis_stats: Stats | None = None
             if redis is not None:
                 if phase == "get":
-                    for k in keys:
-                        await redis.set(k, value)
+                    await _redis_fill(redis, keys, value)
                 redis_stats = await _kv_cell(n, keys, settings.seconds, cap, redis_ops[phase])
                 await _purge(redis)
             kv_stats = await _kv_cell(n, keys, settings.seconds, cap, op)
@@ -494,6 +492,12 @@ async def _bench_size(
         await redis.flushall()
         await _purge(redis)
     return cells
+
+
+async def _redis_fill(redis: Any, keys: Sequence[bytes], value: bytes) -> None:
+    """Every key holds ``value`` on the redis-server (as ``_refill`` makes it on our target)."""
+    for k in keys:
+        await redis.set(k, value)
 
 
 async def _purge(redis: Any) -> None:

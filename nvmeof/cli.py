@@ -45,9 +45,7 @@ def build_target(args: argparse.Namespace) -> Any:
 
     max_value = parse_size(args.max_value_size)
     transfer = transfer_size_for(max_value)
-    in_capsule = min(
-        parse_size(getattr(args, "in_capsule_data_size", DEFAULT_IN_CAPSULE)), transfer
-    )
+    in_capsule = min(parse_size(args.in_capsule_data_size), transfer)
     target = Target(TargetLimits(max_transfer_size=transfer, in_capsule_data_size=in_capsule))
     subsystem = Subsystem(
         nqn=args.nqn, allow_any_host=not args.allow_host, hosts=set(args.allow_host or ())

@@ -462,10 +462,9 @@ class TcpControllerChannel:
     async def complete(
         self, request: Request, completion: Completion, data: Sequence[Buffer] = ()
     ) -> None:
+        self.complete_nowait(request, completion, data)  # (closed: only frees its budget)
         if self._closed:
-            self._release(request)
             return
-        self.complete_nowait(request, completion, data)
         try:
             await self._sender.flush()
         except ConnectionLost:
