@@ -31,7 +31,7 @@ from kvext.spec import (
     retrieve_command,
     store_command,
 )
-from kvext.tensor import Value, describe, materialize, writable_view
+from kvext.tensor import Value, describe, describe_out, materialize
 from nvmeof.errors import KeyExists, KeyNotFound, NvmeError, NvmeofError
 from nvmeof.initiator.controller import Controller
 from nvmeof.spec.completion import Completion
@@ -163,13 +163,12 @@ class KVClient:
         return materialize(header, payload)
 
     async def _get_into(self, key: Key, out: object) -> object:
-        dest = writable_view(out)
+        layout, dest = describe_out(out)
         if not self.framing:
             completion = await self._retrieve(key, [dest])
             if completion.dw0 != len(dest):
                 raise ValueError(f"value of {key!r} is {completion.dw0} bytes, out is {len(dest)}")
             return out
-        layout, _ = describe(out)
         # The header this value has if it was put as ``out`` is now (the usual case): then
         # comparing bytes checks all of it, the full key (hash collisions) included.
         expected = pack_header(layout, key_bytes(key, self.tenant), len(dest))

@@ -7,6 +7,7 @@ Key bytes 0-15 ride in CDW2, CDW3, CDW14, CDW15 (little-endian dwords); CDW11 ho
 from __future__ import annotations
 
 import enum
+import functools
 import struct
 from collections.abc import Iterable
 
@@ -59,6 +60,11 @@ class RetrieveOption(enum.IntFlag):
 _KEY = struct.Struct("<4I")
 
 
+def _check_key(key: bytes) -> None:
+    if not 1 <= len(key) <= MAX_KEY_LENGTH:
+        raise ValueError(f"key length {len(key)} is not in 1..{MAX_KEY_LENGTH}")
+
+
 def _key_dwords(key: bytes) -> tuple[int, int, int, int]:
     cdw2, cdw3, cdw14, cdw15 = _KEY.unpack(key.ljust(MAX_KEY_LENGTH, b"\0"))
     return cdw2, cdw3, cdw14, cdw15
@@ -66,9 +72,15 @@ def _key_dwords(key: bytes) -> tuple[int, int, int, int]:
 
 def pack_key(key: bytes) -> tuple[int, int, int, int]:
     """(cdw2, cdw3, cdw14, cdw15) for a 1..16-byte key, unused bytes zero."""
-    if not 1 <= len(key) <= MAX_KEY_LENGTH:
-        raise ValueError(f"key length {len(key)} is not in 1..{MAX_KEY_LENGTH}")
+    _check_key(key)
     return _key_dwords(key)
+
+
+@functools.lru_cache(maxsize=64)
+def _transport_sgl(length: int) -> SglDescriptor:
+    # A frozen value: one per buffer size serves every command of that size (a cache's values
+    # come in a few sizes), instead of a new record per put and get.
+    return SglDescriptor(length=length)
 
 
 @attrs.frozen
@@ -124,8 +136,8 @@ def store_command(
     dptr: SglDescriptor | None = None,
 ) -> Command:
     """Store; ``dptr`` defaults to a transport SGL of ``value_size`` bytes."""
-    pack_key(key)
-    sgl = SglDescriptor(length=value_size) if dptr is None else dptr
+    _check_key(key)
+    sgl = _transport_sgl(value_size) if dptr is None else dptr
     return _kv_command(KvOpcode.STORE, nsid, key, value_size, options, cid, sgl)
 
 
@@ -139,18 +151,18 @@ def retrieve_command(
     dptr: SglDescriptor | None = None,
 ) -> Command:
     """Retrieve into a host buffer of ``buffer_size`` bytes; the CQE's DW0 is the value size."""
-    pack_key(key)
-    sgl = SglDescriptor(length=buffer_size) if dptr is None else dptr
+    _check_key(key)
+    sgl = _transport_sgl(buffer_size) if dptr is None else dptr
     return _kv_command(KvOpcode.RETRIEVE, nsid, key, buffer_size, options, cid, sgl)
 
 
 def delete_command(nsid: int, key: bytes, *, cid: int = 0) -> Command:
-    pack_key(key)
+    _check_key(key)
     return _kv_command(KvOpcode.DELETE, nsid, key, 0, 0, cid, SglDescriptor())
 
 
 def exist_command(nsid: int, key: bytes, *, cid: int = 0) -> Command:
-    pack_key(key)
+    _check_key(key)
     return _kv_command(KvOpcode.EXIST, nsid, key, 0, 0, cid, SglDescriptor())
 
 
@@ -164,7 +176,7 @@ def list_command(
 ) -> Command:
     """List keys into a host buffer; an empty ``start_key`` (KL 0) starts anywhere."""
     if start_key:
-        pack_key(start_key)
+        _check_key(start_key)
     sgl = SglDescriptor(length=buffer_size) if dptr is None else dptr
     return _kv_command(KvOpcode.LIST, nsid, start_key, buffer_size, 0, cid, sgl)
 

@@ -19,21 +19,22 @@ Value = Any
 _CUDA_HINT = "CUDA tensors need a staging path (copy to a pinned CPU tensor first) for now"
 
 
-def describe(value: object) -> tuple[ValueLayout, memoryview]:
-    """The layout of ``value`` and a flat unsigned-byte view of its memory (no copy)."""
+def describe(value: object, role: str = "value") -> tuple[ValueLayout, memoryview]:
+    """The layout of ``value`` and a flat unsigned-byte view of its memory (no copy); ``role``
+    names it in errors."""
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(value, torch.Tensor):
-        _check_torch(value, "value")
+        _check_torch(value, role)
         return ValueLayout(ValueKind.TORCH, _torch_dtype_name(value), tuple(value.shape)), (
             _torch_bytes(value)
         )
     np = sys.modules.get("numpy")
     if np is not None and isinstance(value, np.ndarray):
-        _check_numpy(value, "value")
+        _check_numpy(value, role)
         return ValueLayout(ValueKind.NUMPY, _numpy_dtype_name(value), tuple(value.shape)), (
             _numpy_bytes(value)
         )
-    return BYTES_LAYOUT, _buffer_bytes(value, "value")
+    return BYTES_LAYOUT, _buffer_bytes(value, role)
 
 
 def materialize(header: ValueHeader, payload: memoryview | bytearray | bytes) -> Value:
@@ -67,20 +68,24 @@ def materialize(header: ValueHeader, payload: memoryview | bytearray | bytes) ->
 
 def writable_view(out: object) -> memoryview:
     """A flat writable byte view of a destination buffer, for receiving a value in place."""
+    return describe_out(out)[1]
+
+
+def describe_out(out: object) -> tuple[ValueLayout, memoryview]:
+    """``describe`` for a destination: the layout of ``out`` and a flat *writable* byte view of
+    its memory, for receiving a value in place."""
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(out, torch.Tensor):
-        _check_torch(out, "out")
-        return _torch_bytes(out)
+        return describe(out, "out")  # a CPU tensor is always writable
     np = sys.modules.get("numpy")
     if np is not None and isinstance(out, np.ndarray):
-        _check_numpy(out, "out")
         if not out.flags.writeable:
             raise TypeError("out is a read-only numpy array; pass a writable one")
-        return _numpy_bytes(out)
+        return describe(out, "out")
     view = _buffer_bytes(out, "out")
     if view.readonly:
         raise TypeError(f"out ({type(out).__name__}) is read-only; pass a bytearray or array")
-    return view
+    return BYTES_LAYOUT, view
 
 
 def _nbytes(payload: memoryview | bytearray | bytes) -> int:

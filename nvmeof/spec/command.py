@@ -80,7 +80,9 @@ class Command:
         bits = self.fctype if self.opcode == AdminOpcode.FABRICS else self.opcode
         return DataDirection(bits & 0x3)
 
-    def pack_into(self, buf: bytearray | memoryview, offset: int = 0) -> None:
+    def pack_into(self, buf: bytearray | memoryview, offset: int = 0, *, dptr: bool = True) -> None:
+        """The 64-byte SQE at ``offset``; without ``dptr``, bytes 24..39 are left for the transport
+        to fill (TCP and RDMA each write their own SGL there)."""
         _SQE.pack_into(
             buf,
             offset,
@@ -98,7 +100,8 @@ class Command:
             self.cdw14,
             self.cdw15,
         )
-        self.dptr.pack_into(buf, offset + 24)
+        if dptr:
+            self.dptr.pack_into(buf, offset + 24)
 
     def to_bytes(self) -> bytes:
         buf = bytearray(SQE_SIZE)

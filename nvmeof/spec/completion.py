@@ -41,4 +41,5 @@ class Completion:
     @classmethod
     def unpack_from(cls, buf: bytes | bytearray | memoryview, offset: int = 0) -> Completion:
         dw0, dw1, sqhd, sqid, cid, field = _CQE.unpack_from(buf, offset)
-        return cls(cid=cid, status=Status.from_field(field), dw0=dw0, dw1=dw1, sqhd=sqhd, sqid=sqid)
+        # Positional, in field order: every completion comes here.
+        return cls(cid, Status.from_field(field), dw0, dw1, sqhd, sqid)

@@ -271,9 +271,13 @@ class HostConnection(PduConnection):
         if avail >= plen:
             # Whole in the buffer (a small value): copy it out here, no payload phase.
             at = start + _C2H_PDO
-            for seg in read.scatter.slice(datao, datal):
+            scatter = read.scatter
+            # The usual small read is one PDU for the whole buffer: its views as they are.
+            segs = scatter.views if datal == scatter.total else scatter.slice(datao, datal)
+            rview = self._rview
+            for seg in segs:
                 end = at + len(seg)
-                seg[:] = self._rview[at:end]
+                seg[:] = rview[at:end]
                 at = end
             read.received += datal
             self._rstart = start + plen

@@ -151,7 +151,7 @@ class TcpHostChannel:
         if self._lost is not None:
             raise self._lost
         sqe = bytearray(64)
-        command.pack_into(sqe)
+        command.pack_into(sqe, dptr=False)  # the SGL is this transport's, packed below
         _CID.pack_into(sqe, 2, cid)
         if out:
             total = sum(len(b) for b in out)
