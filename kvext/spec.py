@@ -96,11 +96,9 @@ class KvCommandFields:
     def from_command(cls, cmd: Command) -> KvCommandFields:
         key_length = cmd.cdw11 & 0xFF
         raw = _KEY.pack(cmd.cdw2, cmd.cdw3, cmd.cdw14, cmd.cdw15)
+        # Positional, in field order: every KV command on the target comes here.
         return cls(
-            key=raw[: min(key_length, MAX_KEY_LENGTH)],
-            key_length=key_length,
-            options=(cmd.cdw11 >> 8) & 0xFF,
-            size=cmd.cdw10,
+            raw[: min(key_length, MAX_KEY_LENGTH)], key_length, (cmd.cdw11 >> 8) & 0xFF, cmd.cdw10
         )
 
 

@@ -78,7 +78,21 @@ class SglDescriptor:
             key = int.from_bytes(buf[offset + 11 : offset + 15], "little")
             return cls(address, length, key, identifier)
         address, length, identifier = _UNKEYED.unpack_from(buf, offset)
-        return cls(address, length, 0, identifier)
+        if address:
+            return cls(address, length, 0, identifier)
+        # Every TCP command's SGL is one of a few (in-capsule or transport, a few sizes): a
+        # frozen value, so one record per kind serves them all (bounded: sizes are the host's).
+        key = (length, identifier)
+        sgl = _BY_LENGTH.get(key)
+        if sgl is None:
+            sgl = cls(0, length, 0, identifier)
+            if len(_BY_LENGTH) < _BY_LENGTH_MAX:
+                _BY_LENGTH[key] = sgl
+        return sgl
+
+
+_BY_LENGTH: dict[tuple[int, int], SglDescriptor] = {}
+_BY_LENGTH_MAX = 1024
 
 
 def pack_unkeyed_into(

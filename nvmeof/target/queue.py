@@ -28,7 +28,7 @@ from nvmeof.spec.fabrics import (
     FabricsCommandType,
     PropertyAccess,
 )
-from nvmeof.spec.status import FabricsStatus, GenericStatus, Status
+from nvmeof.spec.status import SUCCESS, FabricsStatus, GenericStatus, Status
 from nvmeof.target.auth import AllocationTooSmall, ControllerAuthentication
 from nvmeof.target.controller import Controller, invalid_field
 from nvmeof.target.discovery import controller_factory
@@ -167,7 +167,7 @@ class QueueSession:
             result = execute_now(request)
             if result is None:
                 return False
-            completion = self._completion(cmd.cid, Status(), result.dw0, result.dw1)
+            completion = self._completion(cmd.cid, SUCCESS, result.dw0, result.dw1)
             data = _trim(result.data, cmd.dptr.length)
         except CommandError as exc:
             completion = self._completion(cmd.cid, exc.status, exc.dw0, 0)
@@ -226,7 +226,7 @@ class QueueSession:
             result = await self.execute(request)
             if result is None:
                 return
-            completion = self._completion(cmd.cid, Status(), result.dw0, result.dw1)
+            completion = self._completion(cmd.cid, SUCCESS, result.dw0, result.dw1)
             data = _trim(result.data, cmd.dptr.length)
         except CommandError as exc:
             if log.isEnabledFor(logging.DEBUG):
@@ -253,7 +253,7 @@ class QueueSession:
         else:
             self._sqhd = (self._sqhd + 1) % (self.sqsize + 1 or 1)
             sqhd = self._sqhd
-        return Completion(cid=cid, status=status, dw0=dw0, dw1=dw1, sqhd=sqhd, sqid=self.qid)
+        return Completion(cid, status, dw0, dw1, sqhd, self.qid)  # positional: every command
 
     def _tag(self) -> str:
         cntlid = self.controller.cntlid if self.controller else "-"

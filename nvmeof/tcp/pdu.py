@@ -398,12 +398,21 @@ _C2H_DATA = int(PduType.C2H_DATA)
 _C2H_HLEN = HLEN[PduType.C2H_DATA]
 _CAPSULE_RESP = int(PduType.CAPSULE_RESP)
 _RESP_HLEN = HLEN[PduType.CAPSULE_RESP]
+# Without digests or padding (most connections) these headers are fixed but for a few fields.
+_C2H_PLAIN = struct.Struct("<BBBBIHHII4x")
+_RESP_PLAIN_CH = _CH.pack(_CAPSULE_RESP, 0, _RESP_HLEN, 0, _RESP_HLEN)
 
 
 def capsule_cmd_header(
     sqe: memoryview, *, header_digest: bool, data_length: int, data_digest: bool, pda: int
 ) -> bytearray:
     """``build_header(CapsuleCmdHeader(sqe), ...)``."""
+    if not (header_digest or (data_digest and data_length) or pda):
+        out = bytearray(_CMD_HLEN)
+        pdo = _CMD_HLEN if data_length else 0
+        _CH.pack_into(out, 0, _CAPSULE_CMD, 0, _CMD_HLEN, pdo, _CMD_HLEN + data_length)
+        out[8:_CMD_HLEN] = sqe
+        return out
     out = _frame(
         _CAPSULE_CMD,
         _CMD_HLEN,
@@ -428,6 +437,22 @@ def c2h_data_header(
     pda: int,
 ) -> bytearray:
     """``build_header(C2HDataHeader(cccid, datao, datal), ...)``."""
+    if datal and not (header_digest or data_digest or pda):  # the usual connection
+        out = bytearray(_C2H_HLEN)
+        _C2H_PLAIN.pack_into(
+            out,
+            0,
+            _C2H_DATA,
+            flags,
+            _C2H_HLEN,
+            _C2H_HLEN,
+            _C2H_HLEN + datal,
+            cccid,
+            0,
+            datao,
+            datal,
+        )
+        return out
     out = _frame(
         _C2H_DATA,
         _C2H_HLEN,
@@ -443,6 +468,10 @@ def c2h_data_header(
 
 def capsule_resp_header(cqe: memoryview, *, header_digest: bool) -> bytearray:
     """``build_header(CapsuleRespHeader(cqe), ...)``."""
+    if not header_digest:
+        out = bytearray(_RESP_PLAIN_CH)
+        out += cqe
+        return out
     out = _frame(
         _CAPSULE_RESP,
         _RESP_HLEN,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import struct
 
 import crc32c
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from nvmeof.tcp.pdu import (
@@ -182,6 +182,10 @@ def test_build_header_no_data() -> None:
     dd=st.booleans(),
     pda=st.integers(0, 31),
 )
+# The plain connection (no digests, no padding) has its own one-pack paths: always try it.
+@example(cccid=7, datao=0, datal=4096, flags=PduFlags.LAST_PDU, hd=False, dd=False, pda=0)
+@example(cccid=7, datao=0, datal=9000, flags=0, hd=False, dd=True, pda=0)
+@example(cccid=0xFFFF, datao=8192, datal=1, flags=0, hd=False, dd=False, pda=0)
 def test_lean_headers_equal_the_record_built_ones(
     cccid: int, datao: int, datal: int, flags: int, hd: bool, dd: bool, pda: int
 ) -> None:
