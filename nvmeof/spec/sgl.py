@@ -82,12 +82,12 @@ class SglDescriptor:
             return cls(address, length, 0, identifier)
         # Every TCP command's SGL is one of a few (in-capsule or transport, a few sizes): a
         # frozen value, so one record per kind serves them all (bounded: sizes are the host's).
-        key = (length, identifier)
-        sgl = _BY_LENGTH.get(key)
+        kind = (length, identifier)
+        sgl = _BY_LENGTH.get(kind)
         if sgl is None:
             sgl = cls(0, length, 0, identifier)
             if len(_BY_LENGTH) < _BY_LENGTH_MAX:
-                _BY_LENGTH[key] = sgl
+                _BY_LENGTH[kind] = sgl
         return sgl
 
 
