@@ -16,6 +16,11 @@ them, a baseline (``bench.file_io``): the same values written with ``os.pwrite``
 ``os.preadv`` on a file in the same directory, opened the way the flash engine opens its device,
 from as many threads as commands in flight. Both are printed, and flash as a ratio to the file.
 
+``--compare`` adds the same cells against a redis-server it starts, through redis-py's asyncio
+client. Each such cell runs interleaved with ours, in slices whose order swaps each round, since
+the speed of a shared VM drifts within seconds and two cells timed one after the other would be
+compared across that drift.
+
 Nothing here judges the numbers; it measures and prints them.
 """
 
@@ -30,7 +35,8 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -286,6 +292,10 @@ class _Budget:
 
 
 # --- the measurements -------------------------------------------------------------------------
+# Slices per side of a cell run against a baseline (``_paired_cells``).
+_SLICES = 4
+
+
 async def _kv_cell(
     inflight: int,
     keys: Sequence[bytes],
@@ -294,6 +304,34 @@ async def _kv_cell(
     op: Callable[[int, bytes], Any],
 ) -> Stats:
     """Run ``op(worker, key)`` from ``inflight`` workers; each worker owns keys w, w+n, ..."""
+    return _Samples().add(await _kv_slice(inflight, keys, seconds, max_ops, op)).stats()
+
+
+@attrs.define
+class _Samples:
+    """Slices of one cell, merged: their commands, their time and every latency."""
+
+    ops: int = 0
+    seconds: float = 0.0
+    latencies: list[float] = attrs.Factory(list)
+
+    def add(self, other: _Samples) -> _Samples:
+        self.ops += other.ops
+        self.seconds += other.seconds
+        self.latencies += other.latencies
+        return self
+
+    def stats(self) -> Stats:
+        return Stats.of(self.ops, self.seconds, self.latencies)
+
+
+async def _kv_slice(
+    inflight: int,
+    keys: Sequence[bytes],
+    seconds: float,
+    max_ops: int,
+    op: Callable[[int, bytes], Any],
+) -> _Samples:
     latencies: list[float] = []
     start = time.perf_counter()
     end = start
@@ -315,7 +353,38 @@ async def _kv_cell(
     async with anyio.create_task_group() as tg:
         for w in range(inflight):
             tg.start_soon(worker, w)
-    return Stats.of(len(latencies), end - start, latencies)
+    return _Samples(len(latencies), end - start, latencies)
+
+
+async def _paired_cells(
+    inflight: int,
+    keys: Sequence[bytes],
+    seconds: float,
+    max_ops: int,
+    ours: Callable[[int, bytes], Any],
+    theirs: Callable[[int, bytes], Any],
+    after_theirs: Callable[[], Awaitable[None]],
+) -> tuple[Stats, Stats]:
+    """Our cell and the baseline's, interleaved in slices (theirs, ours, ours, theirs, ...).
+
+    The speed of these machines drifts by 2-3x from one second to the next; two cells run one
+    after the other can land in different weather, and their ratio then says more about the
+    weather than about the code. Alternating short slices, in an order that swaps each round,
+    gives both the same mix of it. ``after_theirs`` runs after each baseline slice, untimed.
+    """
+    slices = max(1, min(_SLICES, max_ops // max(inflight, 1)))
+    mine, other = _Samples(), _Samples()
+    for round_ in range(slices):
+        order = ("theirs", "ours") if round_ % 2 == 0 else ("ours", "theirs")
+        for who in order:
+            if who == "ours":
+                mine.add(await _kv_slice(inflight, keys, seconds / slices, max_ops // slices, ours))
+            else:
+                other.add(
+                    await _kv_slice(inflight, keys, seconds / slices, max_ops // slices, theirs)
+                )
+                await after_theirs()
+    return mine.stats(), other.stats()
 
 
 def _raw_stats(result: RawResult) -> Stats:
@@ -463,9 +532,11 @@ async def _bench_size(
             if redis is not None:
                 if phase == "get":
                     await _redis_fill(redis, keys, value)
-                redis_stats = await _kv_cell(n, keys, settings.seconds, cap, redis_ops[phase])
-                await _purge(redis)
-            kv_stats = await _kv_cell(n, keys, settings.seconds, cap, op)
+                kv_stats, redis_stats = await _paired_cells(
+                    n, keys, settings.seconds, cap, op, redis_ops[phase], partial(_purge, redis)
+                )
+            else:
+                kv_stats = await _kv_cell(n, keys, settings.seconds, cap, op)
             flash_stats: Stats | None = None
             file_stats: Stats | None = None
             if flash_kv is not None and baseline is not None:
@@ -770,8 +841,9 @@ def main(args: argparse.Namespace) -> int:
     if settings.compare:
         print(
             "redis-py = the same cells against redis-server (no persistence) through redis-py's"
-            " asyncio client with hiredis, gets copied into the same buffers; vs redis-py ="
-            " our ops/s / theirs."
+            " asyncio client with hiredis, gets copied into the same buffers, each cell"
+            " interleaved with ours in slices (theirs, ours, ours, theirs...) so both see the"
+            " same machine; vs redis-py = our ops/s / theirs."
         )
     if settings.flash:
         print(
