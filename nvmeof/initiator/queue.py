@@ -238,9 +238,13 @@ class QueuePair:
         """Read completions until ``waiter``'s own arrives or it expires."""
         while waiter.pending:
             deadline = min(w.deadline for w in self._waiters.values() if w.pending)
+            channel = self.channel
             with anyio.CancelScope(deadline=deadline) as self._stint:
                 while waiter.completion is None:
-                    self._deliver(await self.channel.next_completion())
+                    completion = channel.next_completion_nowait()
+                    if completion is None:
+                        completion = await channel.next_completion()
+                    self._deliver(completion)
             self._stint = None
             if waiter.completion is not None:
                 return

@@ -220,6 +220,14 @@ class HostConnection(PduConnection):
         )
         self._queue_pdu(header, payload, params.data_digest)
 
+    def next_response(self) -> ResponseReceived | None:
+        """The next event if it is a ``ResponseReceived`` (the usual one), else None and the
+        event stays for ``next_event``."""
+        events = self._events
+        if events and type(events[0]) is ResponseReceived:
+            return events.popleft()  # type: ignore[return-value]
+        return None
+
     def forget(self, cid: int) -> None:
         """Drop the data registrations of a command (timeout/abort); later PDUs for it are fatal."""
         self._writes.pop(cid, None)

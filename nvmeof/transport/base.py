@@ -97,6 +97,9 @@ class HostChannel(Protocol):
     async def next_completion(self) -> Completion:
         """The next completion on this queue (data for it has landed by then)."""
 
+    def next_completion_nowait(self) -> Completion | None:
+        """The next completion if it is already here, else None (then ``next_completion``)."""
+
     def forget(self, cid: int) -> None:
         """Drop the buffers of a command given up on (timeout)."""
 

@@ -257,6 +257,9 @@ class RdmaHostChannel:
                 self.invalidated += 1
             state.own_mr.close()  # invalidated remotely, or here (as the host must otherwise)
 
+    def next_completion_nowait(self) -> Completion | None:
+        return self._responses.popleft() if self._responses else None
+
     async def next_completion(self) -> Completion:
         while True:
             if self._responses:

@@ -199,24 +199,33 @@ class TcpHostChannel:
             return True
         return False
 
+    def next_completion_nowait(self) -> Completion | None:
+        """A completion already received and parsed, if the next event is one (no await: a
+        reader working through a batch then costs no coroutine per completion)."""
+        event = self._conn.next_response()
+        return None if event is None else self._completion(event)
+
     async def next_completion(self) -> Completion:
         while True:
             event = await self._next_event()
             if isinstance(event, ResponseReceived):
-                completion = Completion.unpack_from(event.cqe)
-                if completion.cid in self._digest_failed:
-                    self._digest_failed.discard(completion.cid)
-                    if completion.status.success:
-                        completion = Completion(
-                            cid=completion.cid,
-                            status=Status.generic(GenericStatus.DATA_TRANSFER_ERROR, dnr=False),
-                            sqid=completion.sqid,
-                            sqhd=completion.sqhd,
-                        )
-                return completion
+                return self._completion(event)
             if isinstance(event, DataDigestError):
                 log.warning("[%s] data digest error on cid %d", self.peer, event.cccid)
                 self._digest_failed.add(event.cccid)
+
+    def _completion(self, event: ResponseReceived) -> Completion:
+        completion = Completion.unpack_from(event.cqe)
+        if self._digest_failed and completion.cid in self._digest_failed:
+            self._digest_failed.discard(completion.cid)
+            if completion.status.success:
+                completion = Completion(
+                    cid=completion.cid,
+                    status=Status.generic(GenericStatus.DATA_TRANSFER_ERROR, dnr=False),
+                    sqid=completion.sqid,
+                    sqhd=completion.sqhd,
+                )
+        return completion
 
     async def _next_event(self) -> object:
         if self._lost is not None:

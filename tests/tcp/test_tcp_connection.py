@@ -1009,3 +1009,25 @@ def test_fuzz_host(data: bytes) -> None:
         host.receive_data(data)
     except PduError:
         assert host.state is ConnectionState.ERROR
+
+
+def test_next_response_takes_only_a_response_and_leaves_anything_else() -> None:
+    """The reader's no-await path: CapsuleResps in order; a TermReq stays for next_event."""
+    host, ctrl = connect()
+    for cid in (1, 2):
+        host.send_command(make_sqe(cid))
+    ctrl.receive_data(joined(host.data_to_send()))
+    drain(ctrl)
+    ctrl.send_response(make_cqe(1))
+    ctrl.send_response(make_cqe(2))
+    host.receive_data(joined(ctrl.data_to_send()))
+    first, second = host.next_response(), host.next_response()
+    assert first is not None
+    assert bytes(first.cqe) == make_cqe(1)
+    assert second is not None
+    assert bytes(second.cqe) == make_cqe(2)
+    assert host.next_response() is None  # nothing left
+    ctrl.send_term_req(FES.UNSUPPORTED_PARAMETER, 0)
+    host.receive_data(joined(ctrl.data_to_send()))
+    assert host.next_response() is None
+    assert drain(host) == [TermReqReceived(6, 0)]
