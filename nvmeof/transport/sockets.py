@@ -13,9 +13,11 @@ import contextlib
 import errno
 import fcntl
 import math
+import os
 import socket
 import struct
 import termios
+import time
 from collections.abc import Sequence
 
 import anyio
@@ -44,6 +46,35 @@ _FAIR_RECEIVES = 32
 # The most a receive waits to have before it reads (SO_RCVLOWAT): a quarter of the receive window
 # that _RECEIVE_BUFFER gives, so the sender always has room to get there.
 _WAIT_FOR = 1024 * 1024
+#: Seconds a receive that finds nothing goes on trying before it sleeps on readiness (0: never),
+#: for sockets made without their own ``poll``. A peer that answers within it is read without a
+#: sleep and a wake-up, which on these VMs costs more than the answer itself (4 KiB gets at 1 in
+#: flight: 276 us per round trip with both ends sleeping, 118 us with both polling). Between
+#: tries the task yields to the other tasks of its loop and the process to any other process
+#: waiting for the CPU; what a poll costs is CPU, at most this long per wait, which processes
+#: sharing their cores with busy neighbours may not want (``gpucache target --poll-us 0``, or
+#: GPUCACHE_POLL_US=0 for any process). The default is read from GPUCACHE_POLL_US at import.
+DEFAULT_POLL_US = 200
+
+
+def _poll_from_environment() -> float:
+    raw = os.environ.get("GPUCACHE_POLL_US", str(DEFAULT_POLL_US))
+    try:
+        us = float(raw)
+    except ValueError:
+        raise ValueError(f"GPUCACHE_POLL_US={raw!r} is not a number of microseconds") from None
+    return max(0.0, us) / 1e6
+
+
+POLL = _poll_from_environment()
+
+
+def set_default_poll(seconds: float) -> None:
+    """``POLL`` for the sockets this process makes from now on (the target's ``--poll-us``)."""
+    global POLL
+    if seconds < 0:
+        raise ValueError(f"poll {seconds} s is negative")
+    POLL = seconds
 
 
 def tune(sock: socket.socket) -> None:
@@ -58,9 +89,10 @@ def tune(sock: socket.socket) -> None:
 class AsyncSocket:
     """A connected non-blocking socket with zero-copy receive and scatter-gather send."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, *, poll: float | None = None) -> None:
         tune(sock)
         self.sock = sock
+        self.poll = POLL if poll is None else poll  # seconds; see POLL
         self.closed = False
         self.send_stall_timeout = SEND_STALL_TIMEOUT
         self._streak = 0  # receives in a row that did not wait
@@ -100,7 +132,26 @@ class AsyncSocket:
                     await anyio.lowlevel.checkpoint()
                 return n
             self._streak = 0
+            if due == 1 and self.poll > 0:
+                polled = await self._poll_into(view)
+                if polled is not None:
+                    return polled
             await self._wait_readable(timeout, due)
+
+    async def _poll_into(self, view: memoryview) -> int | None:
+        """Try the receive again for up to ``poll`` seconds; None if nothing came."""
+        end = time.monotonic() + self.poll
+        recv_into = self.sock.recv_into
+        while True:
+            os.sched_yield()
+            await anyio.lowlevel.checkpoint()
+            try:
+                return recv_into(view)
+            except (BlockingIOError, InterruptedError):
+                if time.monotonic() >= end:
+                    return None
+            except OSError as exc:
+                raise ConnectionLost(f"receive from {self.peer} failed: {exc}") from exc
 
     async def _wait_readable(self, timeout: float, due: int) -> None:
         if due != self._low_water:
@@ -185,8 +236,9 @@ def _format_address(addr: object) -> str:
     return str(addr)
 
 
-async def open_tcp(host: str, port: int) -> AsyncSocket:
-    """Connect to ``host:port`` without blocking the event loop."""
+async def open_tcp(host: str, port: int, *, poll: float | None = None) -> AsyncSocket:
+    """Connect to ``host:port`` without blocking the event loop; ``poll``: see ``POLL`` (a host
+    passes ``connector=functools.partial(open_tcp, poll=0)`` to sleep at once)."""
     try:
         infos = await anyio.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except OSError as exc:
@@ -202,7 +254,7 @@ async def open_tcp(host: str, port: int) -> AsyncSocket:
                 err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if err:
                 raise OSError(err, f"connect to {host}:{port}: {errno.errorcode.get(err, err)}")
-            return AsyncSocket(sock)
+            return AsyncSocket(sock, poll=poll)
         except BaseException as exc:
             sock.close()
             if not isinstance(exc, OSError):
