@@ -5,7 +5,6 @@ Past the poll it sleeps as before, and a poll can be cancelled like any wait."""
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterator
 
 import anyio
 import anyio.lowlevel
@@ -15,15 +14,6 @@ from nvmeof.transport import sockets
 from nvmeof.transport.sockets import AsyncSocket, set_default_poll
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-def tcp_pair() -> Iterator[tuple[socket.socket, socket.socket]]:
-    with socket.create_server(("127.0.0.1", 0)) as listener:
-        client = socket.create_connection(listener.getsockname())
-        server, _ = listener.accept()
-    with client, server:
-        yield client, server
 
 
 class _Sleeps:
@@ -60,24 +50,16 @@ async def _receive_after_sender_yields(
     return bytes(buf[: got[0]])
 
 
+@pytest.mark.parametrize(("poll", "sleeps_expected"), [(30.0, 0), (0.0, 1)])
 async def test_an_answer_during_the_poll_is_read_without_sleeping(
-    tcp_pair: tuple[socket.socket, socket.socket],
+    tcp_pair: tuple[socket.socket, socket.socket], poll: float, sleeps_expected: int
 ) -> None:
+    """With a poll, the receive takes the answer on a retry; without, it sleeps on readiness."""
     sender, receiver = tcp_pair
-    sock = AsyncSocket(receiver, poll=30.0)
+    sock = AsyncSocket(receiver, poll=poll)
     sleeps = _Sleeps(sock)
     assert await _receive_after_sender_yields(sock, sender, b"ready", 5) == b"ready"
-    assert sleeps.count == 0
-
-
-async def test_without_a_poll_the_receive_sleeps_on_readiness(
-    tcp_pair: tuple[socket.socket, socket.socket],
-) -> None:
-    sender, receiver = tcp_pair
-    sock = AsyncSocket(receiver, poll=0)
-    sleeps = _Sleeps(sock)
-    assert await _receive_after_sender_yields(sock, sender, b"ready", 5) == b"ready"
-    assert sleeps.count == 1
+    assert sleeps.count == sleeps_expected
 
 
 async def test_past_the_poll_the_receive_sleeps_and_still_gets_the_bytes(

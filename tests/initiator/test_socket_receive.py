@@ -5,7 +5,6 @@ or closes, still gets what it sent delivered."""
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterator
 
 import anyio
 import anyio.lowlevel
@@ -16,15 +15,6 @@ from nvmeof.transport.sockets import AsyncSocket
 pytestmark = pytest.mark.anyio
 
 PAYLOAD = 96 * 1024
-
-
-@pytest.fixture
-def tcp_pair() -> Iterator[tuple[socket.socket, socket.socket]]:
-    with socket.create_server(("127.0.0.1", 0)) as listener:
-        client = socket.create_connection(listener.getsockname())
-        server, _ = listener.accept()
-    with client, server:
-        yield client, server
 
 
 async def test_a_promised_payload_comes_in_one_receive(
