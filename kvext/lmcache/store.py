@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Container, Sequence
@@ -94,11 +95,16 @@ class ChunkStore:
                     timeout=url.timeout,
                     header_digest=url.digest,
                     data_digest=url.digest,
-                    connector=self.connector,
+                    connector=self._connector(),
                 )
                 self._client = KVClient(controller, url.nsid, timeout=url.timeout)
                 log.info("connected to %s", url)
         return self._client
+
+    def _connector(self) -> HostConnector:
+        if self.url.poll_us is None or self.connector is not open_tcp:
+            return self.connector
+        return functools.partial(open_tcp, poll=self.url.poll_us / 1e6)
 
     async def _drop(self, client: KVClient) -> None:
         if self._client is client:

@@ -1,6 +1,6 @@
 """The ``nvmeof://`` URL that names a GPUCache target for LMCache.
 
-``nvmeof://HOST[:PORT]/SUBNQN[?queues=N&depth=N&timeout=S&nsid=N&prefetch=W&salt=S&digest=B]``
+``nvmeof://HOST[:PORT]/SUBNQN[?queues=N&depth=N&timeout=S&nsid=N&prefetch=W&salt=S&digest=B&poll_us=U]``
 
 - ``HOST:PORT``: the target's NVMe/TCP listener (port 4420 by default; ``[v6]:port`` for IPv6).
 - ``SUBNQN``: the subsystem NQN (``nqn.2024-01.io.gpucache:kv0`` if the path is empty).
@@ -16,6 +16,9 @@
   ``cache_salt`` LMCache already puts in its keys; tenants with different salts never share
   entries.
 - ``digest``: ``1`` turns on NVMe/TCP header and data digests (CRC32C; default off).
+- ``poll_us``: microseconds a queue waiting for a completion keeps trying its socket before it
+  sleeps (default: the process's, ``GPUCACHE_POLL_US`` or 200; 0 never polls): a target that
+  answers within it costs no wake-up, at the price of that much CPU per wait.
 
 Parsing needs neither LMCache nor a connection.
 """
@@ -31,7 +34,7 @@ DEFAULT_PORT = 4420
 DEFAULT_NQN = "nqn.2024-01.io.gpucache:kv0"
 
 _INT_PARAMS = ("queues", "depth", "nsid", "prefetch")
-_KNOWN = {*_INT_PARAMS, "timeout", "salt", "digest"}
+_KNOWN = {*_INT_PARAMS, "timeout", "salt", "digest", "poll_us"}
 
 
 @attrs.frozen
@@ -48,6 +51,7 @@ class TargetURL:
     prefetch: int = 0
     salt: str = ""
     digest: bool = False
+    poll_us: float | None = None  # None: the process default (nvmeof.transport.sockets.POLL)
 
     @classmethod
     def parse(cls, url: str) -> TargetURL:
@@ -71,6 +75,14 @@ class TargetURL:
         prefetch = ints.get("prefetch", 0)
         if queues < 1 or depth < 1 or prefetch < 0:
             raise ValueError(f"{url!r}: queues and depth must be >= 1, prefetch >= 0")
+        poll_us: float | None = None
+        if "poll_us" in params:
+            try:
+                poll_us = float(params["poll_us"])
+            except ValueError:
+                raise ValueError(f"{url!r}: poll_us must be a number") from None
+            if not poll_us >= 0:  # NaN too
+                raise ValueError(f"{url!r}: poll_us must be >= 0")
         return cls(
             host=parts.hostname,
             port=parts.port or DEFAULT_PORT,
@@ -82,6 +94,7 @@ class TargetURL:
             prefetch=prefetch,
             salt=params.get("salt", ""),
             digest=params.get("digest", "0").lower() in ("1", "true", "yes"),
+            poll_us=poll_us,
         )
 
     @property
@@ -99,4 +112,6 @@ class TargetURL:
             query += f"&salt={self.salt}"
         if self.digest:
             query += "&digest=1"
+        if self.poll_us is not None:
+            query += f"&poll_us={self.poll_us:g}"
         return f"{SCHEME}://{host}:{self.port}/{self.subnqn}?{query}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import select
 
+import attrs
 import pytest
 from _target import thread_target
 
@@ -12,28 +13,29 @@ from kvext.lmcache.native import GPUCacheL2Client
 from kvext.lmcache.store import ChunkStore, Prefetcher, chunk_key
 from kvext.lmcache.url import TargetURL
 from nvmeof.testing import serve_target
+from nvmeof.transport import sockets
 
 
 def test_url_parses_every_parameter() -> None:
     url = TargetURL.parse(
         "nvmeof://10.0.0.5:4421/nqn.2024-01.io.gpucache:kv1"
-        "?queues=8&depth=64&timeout=2.5&nsid=1&prefetch=4&salt=tenantA&digest=1"
+        "?queues=8&depth=64&timeout=2.5&nsid=1&prefetch=4&salt=tenantA&digest=1&poll_us=50"
     )
     assert url == TargetURL(
         host="10.0.0.5", port=4421, subnqn="nqn.2024-01.io.gpucache:kv1", queues=8, depth=64,
-        timeout=2.5, nsid=1, prefetch=4, salt="tenantA", digest=True,
+        timeout=2.5, nsid=1, prefetch=4, salt="tenantA", digest=True, poll_us=50.0,
     )  # fmt: skip
     assert TargetURL.parse(str(url)) == url
     plain = TargetURL.parse("nvmeof://[::1]")
-    assert (plain.host, plain.port, plain.subnqn, plain.queues) == (
-        "::1", 4420, "nqn.2024-01.io.gpucache:kv0", 1
+    assert (plain.host, plain.port, plain.subnqn, plain.queues, plain.poll_us) == (
+        "::1", 4420, "nqn.2024-01.io.gpucache:kv0", 1, None
     )  # fmt: skip
 
 
 @pytest.mark.parametrize(
     "bad",
     ["redis://h:1/x", "nvmeof:///nqn", "nvmeof://h/n?queues=0", "nvmeof://h/n?bogus=1",
-     "nvmeof://h/n?depth=x"],
+     "nvmeof://h/n?depth=x", "nvmeof://h/n?poll_us=-1", "nvmeof://h/n?poll_us=soon"],
 )  # fmt: skip
 def test_url_refuses(bad: str) -> None:
     with pytest.raises(ValueError, match=r"URL|names no host|must|unknown"):
@@ -75,6 +77,20 @@ async def test_chunk_store_reads_into_caller_buffer() -> None:
             assert await store.prefix_hits(keys[:2]) == 2
         finally:
             await store.close()
+
+
+@pytest.mark.anyio
+async def test_the_url_sets_how_long_the_queues_poll() -> None:
+    async with serve_target() as running:
+        for poll_us, expected in ((0.0, 0.0), (350.0, 350e-6), (None, sockets.POLL)):
+            store = ChunkStore(attrs.evolve(_url(running), poll_us=poll_us))
+            try:
+                await store.put("chunk/0", b"x")  # works either way
+                client = await store.client()
+                for queue in client.controller.io_queues:
+                    assert queue.channel._sock.poll == expected  # type: ignore[attr-defined]
+            finally:
+                await store.close()
 
 
 @pytest.mark.anyio
