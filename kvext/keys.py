@@ -41,6 +41,8 @@ def _tenant_bytes(tenant: str | bytes) -> bytes:
 
 
 def _as_bytes(key: KeyLike) -> bytes:
+    if type(key) is bytes and key:  # the usual key: itself, no checks to run
+        return key
     if isinstance(key, str):
         encoded = key.encode("utf-8")
     elif isinstance(key, bytes | bytearray | memoryview):
