@@ -300,7 +300,7 @@ class RdmaHostChannel:
             raise self._lost
         slot = await self._send_slot()
         view = self._sends.slot(slot)
-        command.pack_into(view)
+        command.pack_into(view, dptr=False)  # the SGL is this transport's, packed below
         _CID.pack_into(view, 2, cid)
         state = _HostCommand(into=into)
         length = SQE_SIZE
