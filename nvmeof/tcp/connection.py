@@ -367,7 +367,7 @@ class HostConnection(PduConnection):
                 data_digest=params.data_digest,
                 pda=params.cpda,
             )
-            self._queue_pdu(header, payload, params.data_digest)
+            self._queue_bulk_pdu(header, payload, params.data_digest)
             offset += k
         self._events.append(R2TReceived(r2t.cccid, r2t.ttag, r2t.r2to, r2t.r2tl))
 

@@ -149,6 +149,9 @@ class PduConnection:
         self._state = state
         self._events: deque[Event] = deque()
         self._out: list[Buffer] = []
+        # Bulk data PDUs (a host's H2CData), each as (its buffers, its bytes), sent after ``_out``:
+        # a command queued later overtakes them at a PDU boundary (see ``data_to_send``).
+        self._bulk: deque[tuple[list[Buffer], int]] = deque()
         # receive buffer: unparsed bytes live in [_rstart, _rend)
         self._rbuf = bytearray(receive_buffer_size)
         self._rview = memoryview(self._rbuf)
@@ -186,17 +189,29 @@ class PduConnection:
 
     @property
     def has_data_to_send(self) -> bool:
-        return bool(self._out)
+        return bool(self._out) or bool(self._bulk)
 
-    def data_to_send(self) -> list[Buffer]:
+    def data_to_send(self, limit: int | None = None) -> list[Buffer]:
+        """The buffers to send next, in order: every PDU queued but bulk data, then bulk data
+        PDUs (a host's H2CData), all of them or, with ``limit``, whole ones up to ``limit``
+        bytes (at least one). A sender that takes bulk data ``limit`` bytes at a time lets a
+        command queued meanwhile go out before the rest of it, instead of behind megabytes of
+        other commands' data (PDUs of different commands may interleave; each command's own
+        data stays in order, and its capsule is long gone when its R2T asks for it)."""
         out, self._out = self._out, []
+        bulk = self._bulk
+        taken = 0
+        while bulk and (limit is None or not taken or taken + bulk[0][1] <= limit):
+            buffers, size = bulk.popleft()
+            out.extend(buffers)
+            taken += size
         return out
 
     def send_term_req(self, fes: int, fei: int = 0) -> None:
         """Terminate the connection by our own decision (no offending header attached)."""
         if self._state in (_S.ERROR, _S.CLOSED):
             return
-        self._out.append(TermReq(fes, fei).to_bytes(self._term_type))
+        self._queue_term_req(TermReq(fes, fei).to_bytes(self._term_type))
         self._state = _S.ERROR
 
     @property
@@ -278,7 +293,7 @@ class PduConnection:
         avail = self._rend - self._rstart
         size = min(header_bytes or COMMON_HEADER_SIZE, avail, TERM_REQ_MAX_DATA)
         offending = self._rview[self._rstart : self._rstart + size]
-        self._out.append(TermReq(fes, fei).to_bytes(self._term_type, offending))
+        self._queue_term_req(TermReq(fes, fei).to_bytes(self._term_type, offending))
         self._state = _S.ERROR
         return PduError(message, fes=fes, fei=fei)
 
@@ -486,6 +501,19 @@ class PduConnection:
             self._out.extend(payload)
             if data_digest:
                 self._out.append(pack_digest(crc32c_of(payload)))
+
+    def _queue_term_req(self, pdu: Buffer) -> None:
+        # The last PDU on the connection: bulk data still queued would follow it, so it goes.
+        self._bulk.clear()
+        self._out.append(pdu)
+
+    def _queue_bulk_pdu(
+        self, header: bytearray, payload: Sequence[memoryview], data_digest: bool
+    ) -> None:
+        buffers: list[Buffer] = [header, *payload]
+        if data_digest:
+            buffers.append(pack_digest(crc32c_of(payload)))
+        self._bulk.append((buffers, sum(map(len, buffers))))
 
     # -- role hooks ----------------------------------------------------------------------------
     def _on_fast_pdu(self, avail: int) -> bool:

@@ -48,6 +48,9 @@ RECEIVE_BUFFER = 256 * 1024
 # further slice is twice the last, so a long batch still goes out in few sends (on loopback a
 # send also runs the host's receive: 8 per send cost a pipelining client's target ~5% more).
 COMPLETIONS_PER_SEND = 8
+# H2CData a host sends at a time: commands queued meanwhile go out before the rest (no capsule
+# waits behind megabytes of other commands' data), in sends as large as the socket's buffer.
+BULK_PER_SEND = 1024 * 1024
 _CID = struct.Struct("<H")
 _IN_CAPSULE = int(SglIdentifier.DATA_BLOCK_OFFSET)
 _TRANSPORT = int(SglIdentifier.TRANSPORT_DATA_BLOCK)
@@ -74,10 +77,12 @@ class _Sender:
         sock: ByteStream,
         conn: PduConnection,
         hand_over: Callable[[], bool] | None = None,
+        chunk: int | None = None,
     ) -> None:
         self._sock = sock
         self._conn = conn
         self._hand_over = hand_over
+        self._chunk = chunk  # bulk data per send (``PduConnection.data_to_send``); None: all
         self._sending = False
 
     async def flush(self) -> None:
@@ -86,7 +91,7 @@ class _Sender:
         self._sending = True
         try:
             await anyio.lowlevel.checkpoint()
-            while buffers := self._conn.data_to_send():
+            while buffers := self._conn.data_to_send(self._chunk):
                 await self._sock.send_all(buffers)
                 hand_over = self._hand_over
                 if hand_over is not None and self._conn.has_data_to_send and hand_over():
@@ -101,7 +106,7 @@ class TcpHostChannel:
     def __init__(self, sock: ByteStream, conn: HostConnection) -> None:
         self._sock = sock
         self._conn = conn
-        self._sender = _Sender(sock, conn, self._hand_over)
+        self._sender = _Sender(sock, conn, self._hand_over, BULK_PER_SEND)
         self._digest_failed: set[int] = set()
         self._lost: ConnectionLost | None = None
         self.peer = sock.peer

@@ -1031,3 +1031,53 @@ def test_next_response_takes_only_a_response_and_leaves_anything_else() -> None:
     host.receive_data(joined(ctrl.data_to_send()))
     assert host.next_response() is None
     assert drain(host) == [TermReqReceived(6, 0)]
+
+
+def _pdu_types(wire: bytes) -> list[tuple[int, int]]:
+    """(PDU type, CID or CCCID) of each PDU in ``wire``."""
+    out, pos = [], 0
+    while pos < len(wire):
+        ch = CommonHeader.unpack_from(wire, pos)
+        at = pos + (10 if ch.pdu_type == PduType.CAPSULE_CMD else 8)  # CID in the SQE, or CCCID
+        out.append((ch.pdu_type, struct.unpack_from("<H", wire, at)[0]))
+        pos += ch.plen
+    return out
+
+
+def test_a_command_overtakes_queued_bulk_data_at_a_pdu_boundary() -> None:
+    """H2CData is taken ``limit`` bytes at a time, after everything else: a command queued while
+    another's data waits goes out first, and each command's data stays whole and in order."""
+    host, ctrl = connect(maxh2cdata=64 * KiB)
+    data = pattern(256 * KiB, 3)
+    host.send_command(make_sqe(1, opcode=0x01), write=[data])
+    transfer(host, ctrl)
+    dest = bytearray(len(data))
+    ctrl.request_data(1, memoryview(dest))
+    transfer(ctrl, host)  # the R2T: four H2CData PDUs of 64 KiB are queued
+    host.send_command(make_sqe(2, opcode=0x02), read_into=[memoryview(bytearray(512))])
+    first = joined(host.data_to_send(100 * KiB))
+    # the later command first, then whole data PDUs up to the limit (at least one)
+    assert _pdu_types(first) == [(PduType.CAPSULE_CMD, 2), (PduType.H2C_DATA, 1)]
+    host.send_command(make_sqe(3))
+    rest = joined(host.data_to_send())  # no limit: everything
+    assert _pdu_types(rest) == [(PduType.CAPSULE_CMD, 3)] + [(PduType.H2C_DATA, 1)] * 3
+    assert not host.has_data_to_send
+    ctrl.receive_data(first + rest)
+    events = drain(ctrl)
+    assert DataReceived(1) in events
+    assert dest == data
+
+
+def test_a_termination_drops_the_bulk_data_still_queued() -> None:
+    """Nothing follows our own TermReq on the wire, not even data an R2T asked for."""
+    host, ctrl = connect(maxh2cdata=64 * KiB)
+    host.send_command(make_sqe(1, opcode=0x01), write=[pattern(256 * KiB)])
+    transfer(host, ctrl)
+    ctrl.request_data(1, memoryview(bytearray(256 * KiB)))
+    transfer(ctrl, host)
+    assert host.has_data_to_send
+    host.send_term_req(FES.UNSUPPORTED_PARAMETER)
+    wire = joined(host.data_to_send(64 * KiB))
+    assert _pdu_types(wire)[-1][0] == PduType.H2C_TERM_REQ
+    assert PduType.H2C_DATA not in [t for t, _ in _pdu_types(wire)]
+    assert not host.has_data_to_send
