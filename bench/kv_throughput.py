@@ -294,6 +294,7 @@ class _Budget:
 # --- the measurements -------------------------------------------------------------------------
 # Slices per side of a cell run against a baseline (``_paired_cells``).
 _SLICES = 4
+_ROUNDS_PER_SLICE = 8
 
 
 async def _kv_cell(
@@ -372,7 +373,10 @@ async def _paired_cells(
     weather than about the code. Alternating short slices, in an order that swaps each round,
     gives both the same mix of it. ``after_theirs`` runs after each baseline slice, untimed.
     """
-    slices = max(1, min(_SLICES, max_ops // max(inflight, 1)))
+    # A slice ends with its slowest command (the drain at the end of a window of ``inflight``):
+    # each slice gets at least _ROUNDS_PER_SLICE windows of commands, so few large values
+    # (32 MiB: 64 to a cell) run as one slice rather than as four of two windows each.
+    slices = max(1, min(_SLICES, max_ops // (max(inflight, 1) * _ROUNDS_PER_SLICE)))
     mine, other = _Samples(), _Samples()
     for round_ in range(slices):
         order = ("theirs", "ours") if round_ % 2 == 0 else ("ours", "theirs")

@@ -24,9 +24,9 @@ async def test_cells_alternate_in_slices_whose_order_swaps_each_round() -> None:
         events.append("purge")
 
     keys = [b"k%d" % i for i in range(8)]
-    mine, other = await _paired_cells(2, keys, 10.0, 40, ours, theirs, after_theirs)
-    # Four slices a side, each capped at 40 // 4 commands: the op cap still bounds the cell.
-    assert mine.ops == other.ops == 40
+    mine, other = await _paired_cells(2, keys, 10.0, 64, ours, theirs, after_theirs)
+    # Four slices a side, each capped at 64 // 4 commands: the op cap still bounds the cell.
+    assert mine.ops == other.ops == 64
     # theirs | ours ours | theirs theirs | ours ours | theirs (adjacent slices of one side merge
     # in this log), a purge after every slice of theirs
     assert events == [
@@ -48,7 +48,8 @@ async def test_a_cell_too_small_to_split_runs_once_a_side() -> None:
     async def nothing() -> None:
         pass
 
-    # 8 commands at 8 in flight: one slice each (every worker still does at least one command).
-    mine, other = await _paired_cells(8, [b"k"] * 8, 10.0, 8, ours, theirs, nothing)
-    assert counts == {"ours": 8, "theirs": 8}
-    assert mine.ops == other.ops == 8
+    # 64 commands at 8 in flight (32 MiB values in a 2 GiB cell): under eight windows of 8 a
+    # slice, so one slice a side, not four that each end with a drain.
+    mine, other = await _paired_cells(8, [b"k"] * 8, 10.0, 64, ours, theirs, nothing)
+    assert counts == {"ours": 64, "theirs": 64}
+    assert mine.ops == other.ops == 64
