@@ -115,6 +115,7 @@ class AsyncSocket:
         due = min(at_least, len(view), _WAIT_FOR) if self._tcp else 1
         if due > 1 and _readable(self.sock) < due:
             await self._wait_readable(timeout, due)
+        poll_until = 0.0  # while polling: when the poll gives up and sleeps on readiness
         while True:
             try:
                 n = self.sock.recv_into(view)
@@ -123,6 +124,8 @@ class AsyncSocket:
             except OSError as exc:
                 raise ConnectionLost(f"receive from {self.peer} failed: {exc}") from exc
             else:
+                if poll_until:
+                    return n  # a poll's tries yielded already
                 # Bytes that are already there come back without a trip through the event loop;
                 # so that a peer streaming without a pause cannot starve every other task,
                 # every _FAIR_RECEIVES-th such receive yields once.
@@ -133,25 +136,15 @@ class AsyncSocket:
                 return n
             self._streak = 0
             if due == 1 and self.poll > 0:
-                polled = await self._poll_into(view)
-                if polled is not None:
-                    return polled
+                now = time.monotonic()
+                if not poll_until:
+                    poll_until = now + self.poll
+                if now < poll_until:  # try again after the loop's other tasks (see POLL)
+                    os.sched_yield()
+                    await anyio.lowlevel.checkpoint()
+                    continue
             await self._wait_readable(timeout, due)
-
-    async def _poll_into(self, view: memoryview) -> int | None:
-        """Try the receive again for up to ``poll`` seconds; None if nothing came."""
-        end = time.monotonic() + self.poll
-        recv_into = self.sock.recv_into
-        while True:
-            os.sched_yield()
-            await anyio.lowlevel.checkpoint()
-            try:
-                return recv_into(view)
-            except (BlockingIOError, InterruptedError):
-                if time.monotonic() >= end:
-                    return None
-            except OSError as exc:
-                raise ConnectionLost(f"receive from {self.peer} failed: {exc}") from exc
+            poll_until = 0.0
 
     async def _wait_readable(self, timeout: float, due: int) -> None:
         if due != self._low_water:
