@@ -135,6 +135,17 @@ class Scatter:
         return out
 
 
+def _append_pdu(
+    out: list[Buffer], header: bytearray, payload: Sequence[memoryview], data_digest: bool
+) -> None:
+    """A PDU's buffers: its header, its payload views, and the data digest when there is one."""
+    out.append(header)
+    if payload:
+        out.extend(payload)
+        if data_digest:
+            out.append(pack_digest(crc32c_of(payload)))
+
+
 class PduConnection:
     """The receive machinery and send queue both roles share."""
 
@@ -496,11 +507,7 @@ class PduConnection:
     def _queue_pdu(
         self, header: bytearray, payload: Sequence[memoryview], data_digest: bool
     ) -> None:
-        self._out.append(header)
-        if payload:
-            self._out.extend(payload)
-            if data_digest:
-                self._out.append(pack_digest(crc32c_of(payload)))
+        _append_pdu(self._out, header, payload, data_digest)
 
     def _queue_term_req(self, pdu: Buffer) -> None:
         # The last PDU on the connection: bulk data still queued would follow it, so it goes.
@@ -510,9 +517,8 @@ class PduConnection:
     def _queue_bulk_pdu(
         self, header: bytearray, payload: Sequence[memoryview], data_digest: bool
     ) -> None:
-        buffers: list[Buffer] = [header, *payload]
-        if data_digest:
-            buffers.append(pack_digest(crc32c_of(payload)))
+        buffers: list[Buffer] = []
+        _append_pdu(buffers, header, payload, data_digest)
         self._bulk.append((buffers, sum(map(len, buffers))))
 
     # -- role hooks ----------------------------------------------------------------------------
