@@ -378,15 +378,11 @@ async def _paired_cells(
     # (32 MiB: 64 to a cell) run as one slice rather than as four of two windows each.
     slices = max(1, min(_SLICES, max_ops // (max(inflight, 1) * _ROUNDS_PER_SLICE)))
     mine, other = _Samples(), _Samples()
+    sides = [(theirs, other), (ours, mine)]
     for round_ in range(slices):
-        order = ("theirs", "ours") if round_ % 2 == 0 else ("ours", "theirs")
-        for who in order:
-            if who == "ours":
-                mine.add(await _kv_slice(inflight, keys, seconds / slices, max_ops // slices, ours))
-            else:
-                other.add(
-                    await _kv_slice(inflight, keys, seconds / slices, max_ops // slices, theirs)
-                )
+        for op, samples in sides if round_ % 2 == 0 else sides[::-1]:
+            samples.add(await _kv_slice(inflight, keys, seconds / slices, max_ops // slices, op))
+            if samples is other:
                 await after_theirs()
     return mine.stats(), other.stats()
 
